@@ -1,0 +1,1 @@
+"""fedlog's engine: event-sourced state machines for federated learning."""

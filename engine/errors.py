@@ -1,0 +1,169 @@
+"""Every error the engine raises on purpose.
+
+One tree, so callers can catch as broadly or as narrowly as they need, and each
+exception carries the data a program needs to react (not only a message)::
+
+    EngineError
+    ├── ConfigError                 bad settings, bad database URL, unusable path
+    ├── ChartError                  a statechart file is malformed or inconsistent
+    │   └── ChartValidationError    .problems: list[ChartProblem] (file, line, message)
+    ├── StoreError                  the event log could not do what was asked
+    │   ├── ConcurrencyConflict     .machine_id, .expected, .actual  (lost an append race)
+    │   ├── LeaseHeld               .holder  (another writer drives this log)
+    │   └── SchemaError             the database schema is older/newer than the code
+    ├── TransitionRejected          .machine_id, .state, .trigger, .legal
+    │   └── GuardRejected           .guard  (trigger legal, its guard said no)
+    ├── UnknownMachine              .machine_id
+    ├── LogCorrupted                .problems: list[str]  (replay --verify found a lie)
+    └── NondeterminismError         .call, .recorded  (replay diverged from the log)
+
+Domain conditions never surface as ``ValueError`` or ``AssertionError``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ChartError",
+    "ChartProblem",
+    "ChartValidationError",
+    "ConcurrencyConflict",
+    "ConfigError",
+    "EngineError",
+    "GuardRejected",
+    "LeaseHeld",
+    "LogCorrupted",
+    "NondeterminismError",
+    "SchemaError",
+    "StoreError",
+    "TransitionRejected",
+    "UnknownMachine",
+]
+
+
+class EngineError(Exception):
+    """Root of every error fedlog raises deliberately."""
+
+
+class ConfigError(EngineError):
+    """Settings or a command-line value cannot be used (bad URL, bad path, bad number)."""
+
+
+class ChartError(EngineError):
+    """A statechart cannot be loaded."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChartProblem:
+    """One thing wrong with a statechart file, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line is not None else self.file
+        return f"{where}: {self.message}"
+
+
+class ChartValidationError(ChartError):
+    """A statechart failed validation; ``problems`` lists every finding, not just the first."""
+
+    def __init__(self, problems: Sequence[ChartProblem]) -> None:
+        self.problems = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class StoreError(EngineError):
+    """The event log (or its database) refused or failed an operation."""
+
+
+class ConcurrencyConflict(StoreError):
+    """An append lost a race: the machine is not at the version the writer expected.
+
+    Nothing was written. ``actual`` is the version found in the log (0 if the machine
+    does not exist there).
+    """
+
+    def __init__(self, machine_id: str, expected: int, actual: int) -> None:
+        self.machine_id = machine_id
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            f"machine {machine_id!r}: expected to append after version {expected}, "
+            f"but the log holds version {actual}; nothing was written"
+        )
+
+
+class LeaseHeld(StoreError):
+    """Another process holds the writer lease on this log; we refuse to drive it too."""
+
+    def __init__(self, target: str, holder: str) -> None:
+        self.target = target
+        self.holder = holder
+        super().__init__(f"the log at {target} is already driven by {holder}; refusing to start")
+
+
+class SchemaError(StoreError):
+    """The database schema does not match the code (older: upgrade it; newer: upgrade fedlog)."""
+
+
+class TransitionRejected(EngineError):
+    """A trigger is not legal in the machine's current state; nothing was written."""
+
+    def __init__(
+        self, machine_id: str, kind: str, state: str, trigger: str, legal: Sequence[str]
+    ) -> None:
+        self.machine_id = machine_id
+        self.kind = kind
+        self.state = state
+        self.trigger = trigger
+        self.legal = sorted(legal)
+        legal_text = ", ".join(self.legal) if self.legal else "none (terminal state)"
+        super().__init__(
+            f"{kind} machine {machine_id!r} is in state {state!r}: trigger {trigger!r} "
+            f"is not legal there; legal triggers: {legal_text}"
+        )
+
+
+class GuardRejected(TransitionRejected):
+    """The trigger is legal in this state but its guard returned false; nothing was written."""
+
+    def __init__(
+        self, machine_id: str, kind: str, state: str, trigger: str, guard: str, legal: Sequence[str]
+    ) -> None:
+        super().__init__(machine_id, kind, state, trigger, legal)
+        self.guard = guard
+        self.args = (
+            f"{kind} machine {machine_id!r} in state {state!r}: guard {guard!r} "
+            f"refused trigger {trigger!r}; nothing was written",
+        )
+
+
+class UnknownMachine(EngineError):
+    """No machine with this id exists in the log."""
+
+    def __init__(self, machine_id: str) -> None:
+        self.machine_id = machine_id
+        super().__init__(f"no machine {machine_id!r} in the log")
+
+
+class LogCorrupted(EngineError):
+    """Replay found events that the charts forbid, or a projection that disagrees with them."""
+
+    def __init__(self, problems: Sequence[str]) -> None:
+        self.problems = list(problems)
+        head = "\n".join(self.problems[:20])
+        more = f"\n... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
+        super().__init__(f"{len(self.problems)} problem(s) in the log:\n{head}{more}")
+
+
+class NondeterminismError(EngineError):
+    """A replayed controller asked for something other than what the log recorded."""
+
+    def __init__(self, call: str, recorded: str) -> None:
+        self.call = call
+        self.recorded = recorded
+        super().__init__(f"replay diverged: the controller called {call}, the log recorded {recorded}")
