@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import fcntl
 import logging
+import operator
 import os
 import socket
 import sqlite3
@@ -73,11 +74,15 @@ class _Prepared:
         self.sql = str(compiled)
         self.positional = bool(compiled.positiontup)
         self.order: list[str] = list(compiled.positiontup or [])
+        getter = operator.itemgetter(*self.order) if len(self.order) > 1 else None
+        self._getter = getter
 
     def params(self, values: dict[str, Any]) -> Any:
-        if self.positional:
-            return tuple(values[name] for name in self.order)
-        return values
+        if not self.positional:
+            return values
+        if self._getter is not None:
+            return self._getter(values)
+        return tuple(values[name] for name in self.order)
 
 
 class SqlRecorder(EventRecorder):
@@ -162,9 +167,9 @@ class SqlRecorder(EventRecorder):
                 chart_version=bindparam("chart_version"),
                 terminal=bindparam("terminal"),
                 deadline_us=bindparam("deadline_us"),
-                job_id=func.coalesce(bindparam("job_id"), ms.job_id),
+                # job and site are fixed at creation; leaving them out of SET keeps the
+                # job index untouched on the hot path
                 round=func.coalesce(bindparam("round"), ms.round),
-                site=func.coalesce(bindparam("site"), ms.site),
                 updated_us=bindparam("updated_us"),
             ),
             dialect,

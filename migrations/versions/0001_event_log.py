@@ -70,8 +70,8 @@ def upgrade() -> None:
         sa.Column("created_us", sa.BigInteger(), nullable=False),
         sa.Column("updated_us", sa.BigInteger(), nullable=False),
         sa.PrimaryKeyConstraint("machine_id", name="pk_machine_states"),
+        sqlite_with_rowid=False,
     )
-    op.create_index("ix_machine_states_deadline_us", "machine_states", ["deadline_us"])
     op.create_index("ix_machine_states_job_id", "machine_states", ["job_id"])
     op.create_table(
         "writer_lease",
@@ -104,7 +104,6 @@ def downgrade() -> None:
     op.execute("DROP VIEW IF EXISTS transitions")
     op.drop_table("writer_lease")
     op.drop_index("ix_machine_states_job_id", table_name="machine_states")
-    op.drop_index("ix_machine_states_deadline_us", table_name="machine_states")
     op.drop_table("machine_states")
     op.drop_index("ix_events_job_id_seq", table_name="events")
     op.drop_table("events")

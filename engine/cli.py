@@ -1,0 +1,60 @@
+"""The ``fedlog`` command: a thin shell that parses arguments and calls plain functions.
+
+Each subcommand lives in ``engine/commands/<name>.py`` with a ``register(subparsers)``
+that adds its parser and sets ``func``; the functions it calls are importable and
+tested directly. Only this entry point configures logging handlers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from engine.errors import EngineError
+
+__all__ = ["main"]
+
+COMMANDS = ("db", "charts", "replay", "sql", "demo")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser, one sub-parser per command module."""
+    parser = argparse.ArgumentParser(
+        prog="fedlog",
+        description="Federated learning on an event-sourced state-machine engine.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages to stderr")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in COMMANDS:
+        module = importlib.import_module(f"engine.commands.{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``fedlog`` with ``argv``; return the process exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        status = args.func(args)
+    except EngineError as exc:
+        print(f"fedlog {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"fedlog {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    return int(status or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

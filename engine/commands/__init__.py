@@ -1,0 +1,1 @@
+"""One module per ``fedlog`` subcommand; each exposes ``register(subparsers)``."""

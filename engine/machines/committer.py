@@ -1,0 +1,138 @@
+"""Group commit: many callers' events, one transaction, each caller woken when durable.
+
+Callers (threads or asyncio tasks) queue events; one writer thread takes everything
+queued, appends it as one batch, and wakes the callers of that batch together. While
+a batch commits, the next one fills, so throughput grows with concurrency and a lone
+caller still pays only one commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+from engine.errors import StoreError
+from engine.log.recorder import AppendResult, EventRecorder, NewEvent
+
+__all__ = ["GroupCommitter"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Batch:
+    __slots__ = ("done", "error", "events", "futures", "results")
+
+    def __init__(self) -> None:
+        self.events: list[NewEvent] = []
+        self.results: list[AppendResult] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.futures: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[AppendResult], int]] = []
+
+
+class GroupCommitter:
+    """Batches appends from many callers into single transactions on ``recorder``."""
+
+    def __init__(self, recorder: EventRecorder, *, max_batch: int = 4096) -> None:
+        self.recorder = recorder
+        self.max_batch = max_batch
+        self._cond = threading.Condition()
+        self._open = _Batch()
+        self._closing = False
+        self.batches = 0
+        self.events = 0
+        self._thread = threading.Thread(target=self._run, name="fedlog-group-commit", daemon=True)
+        self._thread.start()
+
+    def _enqueue(self, event: NewEvent) -> tuple[_Batch, int]:
+        with self._cond:
+            if self._closing:
+                raise StoreError("the event log is closing; no more appends")
+            batch = self._open
+            batch.events.append(event)
+            if len(batch.events) == 1:
+                self._cond.notify()
+            return batch, len(batch.events) - 1
+
+    def append(self, event: NewEvent) -> AppendResult:
+        """Queue ``event`` and block until its batch is durable; return its result."""
+        batch, index = self._enqueue(event)
+        batch.done.wait()
+        if batch.error is not None:
+            raise batch.error
+        return batch.results[index]
+
+    async def append_async(self, event: NewEvent) -> AppendResult:
+        """Queue ``event`` and await durability without blocking the event loop."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[AppendResult] = loop.create_future()
+        with self._cond:
+            if self._closing:
+                raise StoreError("the event log is closing; no more appends")
+            batch = self._open
+            batch.events.append(event)
+            batch.futures.append((loop, future, len(batch.events) - 1))
+            if len(batch.events) == 1:
+                self._cond.notify()
+        return await future
+
+    def append_many(self, events: Sequence[NewEvent]) -> list[AppendResult]:
+        """Queue several events (e.g. one per machine) and wait for all of them."""
+        slots = [self._enqueue(e) for e in events]
+        out = []
+        for batch, index in slots:
+            batch.done.wait()
+            if batch.error is not None:
+                raise batch.error
+            out.append(batch.results[index])
+        return out
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._open.events and not self._closing:
+                    self._cond.wait()
+                if not self._open.events and self._closing:
+                    return
+                batch = self._open
+                self._open = _Batch()
+            try:
+                results: list[AppendResult] = []
+                for start in range(0, len(batch.events), self.max_batch):
+                    results.extend(self.recorder.append(batch.events[start : start + self.max_batch]))
+                batch.results = results
+                self.batches += 1
+                self.events += len(batch.events)
+            except BaseException as exc:  # surfaced to every waiting caller
+                logger.error("group commit of %d event(s) failed: %s", len(batch.events), exc)
+                batch.error = exc
+            batch.done.set()
+            self._resolve_futures(batch)
+
+    @staticmethod
+    def _resolve_futures(batch: _Batch) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[AppendResult], int]]] = {}
+        for loop, future, index in batch.futures:
+            by_loop.setdefault(loop, []).append((future, index))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_settle, items, batch)
+
+    def close(self) -> None:
+        """Commit what is queued, then stop the writer thread."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+
+
+def _settle(items: list[tuple[asyncio.Future[AppendResult], int]], batch: Any) -> None:
+    for future, index in items:
+        if future.done():
+            continue
+        if batch.error is not None:
+            future.set_exception(batch.error)
+        else:
+            future.set_result(batch.results[index])
