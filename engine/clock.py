@@ -94,7 +94,9 @@ class ManualClock(Clock):
     def set(self, now_us: int) -> None:
         """Jump to ``now_us`` (never backwards) and wake every waiter."""
         if now_us < self._now:
-            raise ValueError(f"a clock never goes back: {now_us} < {self._now}")
+            from engine.errors import EngineError
+
+            raise EngineError(f"a clock never goes back: asked for {now_us}, it is already {self._now}")
         self._now = now_us
         for listener in list(self._listeners):
             listener()

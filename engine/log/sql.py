@@ -182,6 +182,13 @@ class SqlRecorder(EventRecorder):
             select(ms.version).where(ms.machine_id == bindparam("machine_id")), dialect
         )
         self._last_rowid = _Prepared(select(func.last_insert_rowid()), dialect) if self._sqlite else None
+        # The positional (SQLite) statements get their parameters as tuples built
+        # straight from the event; check the compiled order is the one those builders
+        # assume, and fall back to the generic dict path if SQLAlchemy ever differs.
+        self._fast_state_params = self._ins_state.order == _STATE_COLUMNS and self._upd_state.order == [
+            "chart_version", "state", "version", "terminal", "deadline_us", "round", "updated_us",
+            "b_machine_id", "b_expected"]
+        self._fast_event_params = self._ins_event.order == _EVENT_COLUMNS
 
     def _connect_writer(self) -> Any:
         if self._sqlite:
@@ -287,6 +294,23 @@ class SqlRecorder(EventRecorder):
         except Exception:  # the connection may be gone; the next append reports it
             logger.debug("rollback failed", exc_info=True)
 
+    def _state_params(self, e: NewEvent) -> Any:
+        if self._fast_state_params:
+            if e.version == 1:
+                return (e.machine_id, e.kind, e.chart_version, e.dest, e.version, e.terminal,
+                        e.deadline_us, e.job_id, e.round, e.site, e.ts_us, e.ts_us)
+            return (e.chart_version, e.dest, e.version, e.terminal, e.deadline_us, e.round,
+                    e.ts_us, e.machine_id, e.version - 1)
+        stmt = self._ins_state if e.version == 1 else self._upd_state
+        return stmt.params(self._state_values(e))
+
+    def _event_params(self, e: NewEvent) -> Any:
+        if self._fast_event_params:
+            data = None if e.data is None else orjson.dumps(e.data).decode()
+            return (e.machine_id, e.kind, e.chart_version, e.version, e.trigger, e.source, e.dest,
+                    e.job_id, e.round, e.site, data, e.deadline_us, e.ts_us, e.writer)
+        return self._ins_event.params(self._event_values(e))
+
     def _state_values(self, e: NewEvent) -> dict[str, Any]:
         return {
             "machine_id": e.machine_id, "kind": e.kind, "chart_version": e.chart_version,
@@ -315,8 +339,8 @@ class SqlRecorder(EventRecorder):
 
     def _append_fast(self, batch: Sequence[NewEvent]) -> list[int] | None:
         cur = self._begin()
-        new = [self._ins_state.params(self._state_values(e)) for e in batch if e.version == 1]
-        moved = [self._upd_state.params(self._state_values(e)) for e in batch if e.version != 1]
+        new = [self._state_params(e) for e in batch if e.version == 1]
+        moved = [self._state_params(e) for e in batch if e.version != 1]
         if new:
             cur.executemany(self._ins_state.sql, new)
             if cur.rowcount != len(new):
@@ -327,7 +351,7 @@ class SqlRecorder(EventRecorder):
             if cur.rowcount != len(moved):
                 self._rollback()
                 return None
-        rows = [self._ins_event.params(self._event_values(e)) for e in batch]
+        rows = [self._event_params(e) for e in batch]
         seqs = self._insert_events(cur, rows)
         self._commit()
         return seqs
@@ -353,16 +377,15 @@ class SqlRecorder(EventRecorder):
         for e in batch:
             ok = False
             if e.machine_id not in lost:
-                values = self._state_values(e)
                 stmt = self._ins_state if e.version == 1 else self._upd_state
-                cur.execute(stmt.sql, stmt.params(values))
+                cur.execute(stmt.sql, self._state_params(e))
                 ok = cur.rowcount == 1
             if not ok:
                 lost.add(e.machine_id)
                 row = cur.execute(self._version_of.sql, self._version_of.params({"machine_id": e.machine_id})).fetchone()
                 results.append(AppendResult(None, ConcurrencyConflict(e.machine_id, e.version - 1, row[0] if row else 0)))
                 continue
-            (seq,) = self._insert_events(cur, [self._ins_event.params(self._event_values(e))])
+            (seq,) = self._insert_events(cur, [self._event_params(e)])
             results.append(AppendResult(seq))
         self._commit()
         return results

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.charts.model import Chart
 from engine.charts.registry import ChartRegistry
 from engine.clock import Clock
 from engine.errors import ConcurrencyConflict, EngineError, UnknownMachine
@@ -90,6 +91,7 @@ class Runtime:
         self._entries: dict[str, _Entry] = {}
         self._entries_lock = threading.Lock()
         self._effects: dict[tuple[str, str], list[Effect]] = {}
+        self._newest: dict[str, Chart] = {}  # kind -> chart driving new events (hot-path cache)
         self._timers: list[tuple[int, str]] = []
         self._timer_cond = threading.Condition()
         self._closing = False
@@ -178,7 +180,7 @@ class Runtime:
         if not state.terminal:
             with self._entries_lock:
                 self._entries[state.machine_id] = _Entry(state)
-        self._after_commit(stored_from_new(event, result.seq), state, None)
+        self._after_commit(event, result.seq, state, None)
         return state
 
     def fire(
@@ -197,7 +199,7 @@ class Runtime:
             event = self._plan(entry.state, trigger, data, deadline_us, round)
             result = self._committer.append(event)
             state = self._applied(entry, event, result)
-        self._after_commit(stored_from_new(event, result.seq or 0), state, previous)
+        self._after_commit(event, result.seq or 0, state, previous)
         return state
 
     async def fire_async(
@@ -213,14 +215,16 @@ class Runtime:
             event = self._plan(entry.state, trigger, data, deadline_us, round)
             result = await self._committer.append_async(event)
             state = self._applied(entry, event, result)
-        self._after_commit(stored_from_new(event, result.seq or 0), state, previous)
+        self._after_commit(event, result.seq or 0, state, previous)
         return state
 
     def _plan(
         self, current: MachineState, trigger: str, data: Mapping[str, Any] | None,
         deadline_us: int | None, round: int | None,
     ) -> NewEvent:
-        chart = self.charts.get(current.kind)
+        chart = self._newest.get(current.kind)
+        if chart is None:
+            chart = self._newest[current.kind] = self.charts.get(current.kind)
         return plan(chart, current, trigger, data=data, now_us=self.clock.now_us(), writer=self.writer,
                     guards=self.guards, deadline_us=deadline_us, round=round)
 
@@ -238,10 +242,11 @@ class Runtime:
         with self._entries_lock:
             self._entries.pop(machine_id, None)
 
-    def _after_commit(self, event: StoredEvent, state: MachineState, previous_deadline: int | None) -> None:
+    def _after_commit(self, event: NewEvent, seq: int, state: MachineState, previous_deadline: int | None) -> None:
         if state.deadline_us is not None and not state.terminal and state.deadline_us != previous_deadline:
             self._arm(state.deadline_us, state.machine_id)
-        self._run_effects(event, state, redriven=False)
+        if (state.kind, state.state) in self._effects:
+            self._run_effects(stored_from_new(event, seq), state, redriven=False)
 
     def _run_effects(self, event: StoredEvent, state: MachineState, *, redriven: bool) -> int:
         effects = self._effects.get((state.kind, state.state))

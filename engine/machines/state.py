@@ -112,13 +112,13 @@ def plan(
             raise GuardRejected(current.machine_id, current.kind, current.state, trigger,
                                 transition.guard, chart.legal.get(current.state, ()))
     dest = transition.dest
+    # positional: this runs once per transition on the hot path
     return NewEvent(
-        machine_id=current.machine_id, kind=current.kind, chart_version=chart.version,
-        version=current.version + 1, trigger=trigger, source=current.state, dest=dest,
-        terminal=chart.states[dest].terminal, ts_us=now_us, writer=writer,
-        data=dict(data) if data else None,
-        deadline_us=deadline_for(chart, current.state, dest, data, now_us, current.deadline_us, deadline_us, trigger),
-        job_id=current.job_id, round=round if round is not None else current.round, site=current.site,
+        current.machine_id, current.kind, chart.version, current.version + 1, trigger,
+        current.state, dest, chart.states[dest].terminal, now_us, writer,
+        dict(data) if data else None,
+        deadline_for(chart, current.state, dest, data, now_us, current.deadline_us, deadline_us, trigger),
+        current.job_id, round if round is not None else current.round, current.site,
     )
 
 
