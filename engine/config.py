@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
-from enum import Enum
+from enum import StrEnum
 
 from engine.errors import ConfigError
 
@@ -18,7 +18,7 @@ __all__ = ["DEFAULT_DB", "Durability", "Settings"]
 DEFAULT_DB = "fedlog.db"
 
 
-class Durability(str, Enum):
+class Durability(StrEnum):
     """How hard a commit works to survive power loss.
 
     ``full``: every acknowledged transition survives an OS crash (SQLite

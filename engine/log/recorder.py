@@ -190,7 +190,7 @@ class EventRecorder(ABC):
     def last_seq(self) -> int:
         """Return the highest sequence number in the log (0 when empty)."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: memory recorders hold nothing
         """Release connections and the writer lease."""
 
     def __enter__(self) -> EventRecorder:

@@ -72,8 +72,9 @@ class _Prepared:
     def __init__(self, stmt: ClauseElement, dialect: Any) -> None:
         compiled = stmt.compile(dialect=dialect)
         self.sql = str(compiled)
-        self.positional = bool(compiled.positiontup)
-        self.order: list[str] = list(compiled.positiontup or [])
+        positiontup = getattr(compiled, "positiontup", None)
+        self.positional = bool(positiontup)
+        self.order: list[str] = list(positiontup or [])
         getter = operator.itemgetter(*self.order) if len(self.order) > 1 else None
         self._getter = getter
 
@@ -201,7 +202,8 @@ class SqlRecorder(EventRecorder):
             return conn
         import psycopg
 
-        conn = psycopg.connect(self._pg_conninfo(), autocommit=False)
+        pg_conn: Any = psycopg.connect(self._pg_conninfo(), autocommit=False)
+        conn = pg_conn
         if self.durability is not Durability.FULL:
             conn.execute("SET synchronous_commit = off")
             conn.commit()

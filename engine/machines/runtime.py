@@ -20,6 +20,7 @@ import asyncio
 import heapq
 import logging
 import threading
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -351,10 +352,9 @@ class Runtime:
                     state = MachineState.from_row(row)
                     if (state.kind, state.state) not in self._effects:
                         continue
-                    last = None
-                    for last in self.recorder.read(machine_id=state.machine_id, after_seq=0):
-                        pass
-                    if last is not None:
+                    tail = deque(self.recorder.read(machine_id=state.machine_id), maxlen=1)
+                    if tail:
+                        last = tail[0]
                         redriven += self._run_effects(last, state, redriven=True)
         return RecoveryReport(
             live_machines=live, timers_armed=len(timers),
