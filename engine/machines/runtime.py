@@ -17,7 +17,6 @@ Only live machines are cached; terminal ones are dropped from memory once reache
 from __future__ import annotations
 
 import asyncio
-import heapq
 import logging
 import threading
 from collections import deque
@@ -32,6 +31,7 @@ from engine.errors import ConcurrencyConflict, EngineError, UnknownMachine
 from engine.log.recorder import AppendResult, EventRecorder, NewEvent, StoredEvent, stored_from_new
 from engine.machines.committer import GroupCommitter
 from engine.machines.state import Guard, MachineState, plan, plan_create, step
+from engine.machines.timers import TimerQueue
 
 __all__ = ["Effect", "RecoveryReport", "Runtime"]
 
@@ -93,8 +93,8 @@ class Runtime:
         self._entries_lock = threading.Lock()
         self._effects: dict[tuple[str, str], list[Effect]] = {}
         self._newest: dict[str, Chart] = {}  # kind -> chart driving new events (hot-path cache)
-        self._timers: list[tuple[int, str]] = []
-        self._timer_cond = threading.Condition()
+        self._timers = TimerQueue()
+        self._timer_cond = self._timers.cond
         self._closing = False
         self._timer_thread: threading.Thread | None = None
         if run_timers:
@@ -244,8 +244,11 @@ class Runtime:
             self._entries.pop(machine_id, None)
 
     def _after_commit(self, event: NewEvent, seq: int, state: MachineState, previous_deadline: int | None) -> None:
-        if state.deadline_us is not None and not state.terminal and state.deadline_us != previous_deadline:
-            self._arm(state.deadline_us, state.machine_id)
+        if state.deadline_us is not None and not state.terminal:
+            if state.deadline_us != previous_deadline:
+                self._timers.arm(state.deadline_us, state.machine_id)
+        elif previous_deadline is not None:
+            self._timers.disarm(state.machine_id)
         if (state.kind, state.state) in self._effects:
             self._run_effects(stored_from_new(event, seq), state, redriven=False)
 
@@ -263,20 +266,13 @@ class Runtime:
 
     # -- timers ---------------------------------------------------------------------
 
-    def _arm(self, deadline_us: int, machine_id: str) -> None:
-        with self._timer_cond:
-            heapq.heappush(self._timers, (deadline_us, machine_id))
-            if self._timers[0] == (deadline_us, machine_id):
-                self._timer_cond.notify()
-
     def _wake_timers(self) -> None:
         with self._timer_cond:
             self._timer_cond.notify()
 
     def next_deadline(self) -> int | None:
         """The earliest armed deadline (µs), or None when no timer is armed."""
-        with self._timer_cond:
-            return self._timers[0][0] if self._timers else None
+        return self._timers.next_deadline()
 
     def run_due_timers(self, now_us: int | None = None) -> int:
         """Fire every timer due at ``now_us`` (default: the clock's now), in deadline order.
@@ -287,10 +283,10 @@ class Runtime:
         now = self.clock.now_us() if now_us is None else now_us
         fired = 0
         while True:
-            with self._timer_cond:
-                if not self._timers or self._timers[0][0] > now:
-                    return fired
-                deadline, machine_id = heapq.heappop(self._timers)
+            due = self._timers.pop_due(now)
+            if due is None:
+                return fired
+            deadline, machine_id = due
             if self._fire_timer(deadline, machine_id):
                 fired += 1
 
@@ -320,7 +316,7 @@ class Runtime:
             with self._timer_cond:
                 if self._closing:
                     return
-                nxt = self._timers[0][0] if self._timers else None
+                nxt = self._timers.next_deadline()
                 if nxt is None or nxt > self.clock.now_us():
                     self.clock.wait(self._timer_cond, nxt)
                 if self._closing:
@@ -338,9 +334,9 @@ class Runtime:
         """
         timers = self.recorder.timers()
         now = self.clock.now_us()
+        for deadline, machine_id, _version in timers:
+            self._timers.arm(deadline, machine_id)
         with self._timer_cond:
-            for deadline, machine_id, _version in timers:
-                heapq.heappush(self._timers, (deadline, machine_id))
             self._timer_cond.notify()
         redriven = 0
         live = 0
