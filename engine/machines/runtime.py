@@ -299,16 +299,27 @@ class Runtime:
             return False
         if current.terminal or current.deadline_us != deadline:
             return False
-        spec = self.charts.get(current.kind).states[current.state].timeout
-        if spec is None:
-            return False
+        # Check again under the machine's lock and plan from exactly the state checked:
+        # another thread may have moved the machine since the look above (and even
+        # brought it back to a state with the same timeout trigger but a later deadline).
+        entry = self._entry(machine_id)
         try:
-            self.fire(machine_id, spec.trigger, {"deadline_us": deadline})
+            with entry.lock:
+                current = entry.state
+                if current.terminal or current.deadline_us != deadline:
+                    return False
+                spec = self.charts.get(current.kind).states[current.state].timeout
+                if spec is None:
+                    return False
+                event = self._plan(current, spec.trigger, {"deadline_us": deadline}, None, None)
+                result = self._committer.append(event)
+                state = self._applied(entry, event, result)
         except ConcurrencyConflict:
             return False  # someone moved it first: the timer is stale
         except EngineError:
             logger.exception("timeout of %s %s could not fire", current.kind, machine_id)
             return False
+        self._after_commit(event, result.seq or 0, state, deadline)
         return True
 
     def _timer_loop(self) -> None:
