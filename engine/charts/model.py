@@ -45,7 +45,7 @@ class ChartState:
     terminal: bool = False
     timeout: StateTimeout | None = None
     description: str = ""
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -66,7 +66,7 @@ class ChartTransition:
     source: str
     dest: str
     guard: str | None = None
-    line: int | None = None
+    line: int | None = field(default=None, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"trigger": self.trigger, "source": self.source, "dest": self.dest}
@@ -85,7 +85,7 @@ class Chart:
     states: Mapping[str, ChartState]
     transitions: tuple[ChartTransition, ...]
     description: str = ""
-    file: str = "<memory>"
+    file: str = field(default="<memory>", compare=False)
     #: (source, trigger) -> transition: the runtime's lookup
     table: Mapping[tuple[str, str], ChartTransition] = field(init=False, repr=False)
     #: state -> sorted legal triggers
