@@ -8,7 +8,7 @@ exception carries the data a program needs to react (not only a message)::
     ├── ChartError                  a statechart file is malformed or inconsistent
     │   └── ChartValidationError    .problems: list[ChartProblem] (file, line, message)
     ├── StoreError                  the event log could not do what was asked
-    │   ├── ConcurrencyConflict     .machine_id, .expected, .actual  (lost an append race)
+    │   ├── ConcurrencyConflict     .machine_id, .expected, .actual, .reason  (lost an append race)
     │   ├── LeaseHeld               .holder  (another writer drives this log)
     │   └── SchemaError             the database schema is older/newer than the code
     ├── TransitionRejected          .machine_id, .state, .trigger, .legal
@@ -84,17 +84,18 @@ class ConcurrencyConflict(StoreError):
     """An append lost a race: the machine is not at the version the writer expected.
 
     Nothing was written. ``actual`` is the version found in the log (0 if the machine
-    does not exist there).
+    does not exist there). ``reason``, when given, says why the append was refused
+    when the version numbers alone would mislead (e.g. an earlier event of the same
+    machine in the same batch was rejected, so this one, planned on top of it, was too).
     """
 
-    def __init__(self, machine_id: str, expected: int, actual: int) -> None:
+    def __init__(self, machine_id: str, expected: int, actual: int, reason: str | None = None) -> None:
         self.machine_id = machine_id
         self.expected = expected
         self.actual = actual
-        super().__init__(
-            f"machine {machine_id!r}: expected to append after version {expected}, "
-            f"but the log holds version {actual}; nothing was written"
-        )
+        self.reason = reason
+        why = reason or f"expected to append after version {expected}, but the log holds version {actual}"
+        super().__init__(f"machine {machine_id!r}: {why}; nothing was written")
 
 
 class LeaseHeld(StoreError):

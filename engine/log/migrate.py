@@ -6,6 +6,9 @@ an older database on open, or names the command to run) and the tests.
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,15 +17,22 @@ from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, inspect, pool
+from alembic.util.exc import CommandError
+from sqlalchemy import Connection, Engine, create_engine, inspect, pool
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import DBAPIError
 
-from engine.errors import SchemaError
+from engine.errors import ConfigError, SchemaError, StoreError
 from engine.log import schema
 from engine.log.target import describe, to_url
 from engine.resources import data_dir
 
 __all__ = ["SchemaStatus", "alembic_config", "check", "downgrade", "ensure_schema", "status", "upgrade"]
+
+# see _migrating: Alembic's operation proxies are process-global
+_MIGRATION_LOCK = threading.Lock()
+#: advisory-lock key serializing migrations on PostgreSQL ("fedmig" in ASCII)
+_PG_MIGRATION_KEY = 0x6665646D6967
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,13 +64,28 @@ def _engine(target: str | URL | Engine) -> Engine:
     return create_engine(to_url(target), poolclass=pool.NullPool)
 
 
+@contextmanager
+def _reporting(engine: Engine) -> Iterator[None]:
+    """Turn a failure to reach or use the database into a ``StoreError`` naming it."""
+    try:
+        yield
+    except DBAPIError as exc:
+        raise StoreError(f"cannot use the database {describe(engine.url)}: {exc.orig}") from None
+
+
+def _head() -> str:
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
 def status(target: str | URL | Engine) -> SchemaStatus:
     """Read the database's revision and compare it with the code's head."""
     engine = _engine(target)
     script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     assert head is not None
-    with engine.connect() as conn:
+    with _reporting(engine), engine.connect() as conn:
         current = MigrationContext.configure(conn).get_current_revision()
     known = current is None or _revision_known(script, current)
     return SchemaStatus(current=current, head=head, known=known)
@@ -73,12 +98,39 @@ def _revision_known(script: ScriptDirectory, revision: str) -> bool:
         return False
 
 
+@contextmanager
+def _migrating(engine: Engine) -> Iterator[Connection]:
+    """A connection holding the database's migration lock, committed on success.
+
+    Alembic's ``op`` and ``context`` are process-wide proxies, so two migrations
+    running in threads of one process would drive each other's connections (seen:
+    a hang inside SQLite on a connection another thread had closed): one at a time.
+    Across processes the database serializes them -- SQLite with ``BEGIN IMMEDIATE``
+    (which also makes SQLite's DDL atomic: the driver would otherwise autocommit each
+    statement), PostgreSQL with a transaction-scoped advisory lock -- and Alembic
+    reads the revision only after the lock is held, so a migration another process
+    just finished is not run again.
+    """
+    with _MIGRATION_LOCK, _reporting(engine), engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+        elif engine.dialect.name == "postgresql":
+            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_KEY})")
+        try:
+            yield conn
+        except CommandError as exc:  # e.g. a revision id that does not exist
+            raise ConfigError(f"cannot migrate the database {describe(engine.url)}: {exc}") from None
+        conn.commit()
+
+
 def upgrade(target: str | URL | Engine, revision: str = "head") -> SchemaStatus:
     """Upgrade the database to ``revision`` (default: the newest the code knows)."""
     engine = _engine(target)
-    _refuse_newer(engine)
     cfg = alembic_config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
+        current = MigrationContext.configure(conn).get_current_revision()
+        if current is not None and not _revision_known(ScriptDirectory.from_config(cfg), current):
+            raise SchemaError(_ahead_message(engine, SchemaStatus(current, _head(), False)))
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, revision)
     return status(engine)
@@ -88,7 +140,7 @@ def downgrade(target: str | URL | Engine, revision: str) -> SchemaStatus:
     """Downgrade the database to ``revision`` (``base`` removes every fedlog table)."""
     engine = _engine(target)
     cfg = alembic_config()
-    with engine.begin() as conn:
+    with _migrating(engine) as conn:
         cfg.attributes["connection"] = conn
         command.downgrade(cfg, revision)
     return status(engine)
@@ -100,15 +152,9 @@ def check(target: str | URL | Engine) -> list[Any]:
     st = status(engine)
     if not st.up_to_date:
         raise SchemaError(_behind_message(engine, st) if st.known else _ahead_message(engine, st))
-    with engine.connect() as conn:
+    with _reporting(engine), engine.connect() as conn:
         ctx = MigrationContext.configure(conn, opts={"compare_type": True})
         return list(compare_metadata(ctx, schema.metadata))
-
-
-def _refuse_newer(engine: Engine) -> None:
-    st = status(engine)
-    if not st.known:
-        raise SchemaError(_ahead_message(engine, st))
 
 
 def _ahead_message(engine: Engine, st: SchemaStatus) -> str:
@@ -120,9 +166,12 @@ def _ahead_message(engine: Engine, st: SchemaStatus) -> str:
 
 
 def _behind_message(engine: Engine, st: SchemaStatus) -> str:
+    where = describe(engine.url)
+    if st.current is None:
+        return f"the database {where} has no fedlog schema yet; run: fedlog db upgrade {where}"
     return (
-        f"the database {describe(engine.url)} has schema revision {st.current!r}, older than "
-        f"this code's {st.head!r}; run: fedlog db upgrade {describe(engine.url)}"
+        f"the database {where} has schema revision {st.current!r}, older than "
+        f"this code's {st.head!r}; run: fedlog db upgrade {where}"
     )
 
 
@@ -137,7 +186,7 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool = True) -> SchemaStatus:
         return st
     if not st.known:
         raise SchemaError(_ahead_message(engine, st))
-    if st.current is None and inspect(engine).has_table("events") and not auto_upgrade:
+    if st.current is None and not auto_upgrade and _has_events_table(engine):
         raise SchemaError(
             f"the database {describe(engine.url)} has fedlog tables but no schema revision; "
             f"run: fedlog db upgrade {describe(engine.url)}"
@@ -145,3 +194,8 @@ def ensure_schema(engine: Engine, *, auto_upgrade: bool = True) -> SchemaStatus:
     if not auto_upgrade:
         raise SchemaError(_behind_message(engine, st))
     return upgrade(engine)
+
+
+def _has_events_table(engine: Engine) -> bool:
+    with _reporting(engine):
+        return inspect(engine).has_table("events")

@@ -114,20 +114,38 @@ def stored_from_new(event: NewEvent, seq: int) -> StoredEvent:
 
 
 def row_after(event: NewEvent, previous: MachineRow | None) -> MachineRow:
-    """The projection row of a machine once ``event`` is applied on top of ``previous``."""
+    """The projection row of a machine once ``event`` is applied on top of ``previous``.
+
+    Kind, job and site are fixed by the machine's first event (the SQL recorders never
+    rewrite them); ``round`` follows the latest event that names one.
+    """
+    if previous is None:
+        return MachineRow(
+            event.machine_id, event.kind, event.chart_version, event.dest, event.version,
+            event.terminal, event.deadline_us, event.job_id, event.round, event.site,
+            event.ts_us, event.ts_us,
+        )
     return MachineRow(
-        machine_id=event.machine_id,
-        kind=event.kind,
-        chart_version=event.chart_version,
-        state=event.dest,
-        version=event.version,
-        terminal=event.terminal,
-        deadline_us=event.deadline_us,
-        job_id=event.job_id if event.job_id is not None else (previous.job_id if previous else None),
-        round=event.round if event.round is not None else (previous.round if previous else None),
-        site=event.site if event.site is not None else (previous.site if previous else None),
-        created_us=previous.created_us if previous else event.ts_us,
-        updated_us=event.ts_us,
+        event.machine_id, previous.kind, event.chart_version, event.dest, event.version,
+        event.terminal, event.deadline_us, previous.job_id,
+        event.round if event.round is not None else previous.round,
+        previous.site, previous.created_us, event.ts_us,
+    )
+
+
+def chained_conflict(event: NewEvent, actual: int) -> ConcurrencyConflict:
+    """The conflict of an event refused because an earlier event of its machine in the same batch was.
+
+    Its versions alone would read as if it should have succeeded (it expected the
+    version the rejected event was meant to create), so the message says why.
+    """
+    return ConcurrencyConflict(
+        event.machine_id, event.version - 1, actual,
+        reason=(
+            f"version {event.version} was not appended because an earlier event of this machine "
+            f"in the same batch was rejected and this one was planned on top of it "
+            f"(the log holds version {actual})"
+        ),
     )
 
 
@@ -147,8 +165,9 @@ class EventRecorder(ABC):
 
         Events that hit a version conflict are not written and carry the
         ``ConcurrencyConflict`` in their result; the rest are committed. Events of
-        one machine must appear in version order. Returns only after the batch is
-        durable at the recorder's durability level.
+        one machine must appear in version order; once one of them is rejected, the
+        later ones of that machine in the batch are rejected too. Returns only after
+        the batch is durable at the recorder's durability level.
         """
 
     def append_one(self, event: NewEvent) -> StoredEvent:
@@ -169,8 +188,14 @@ class EventRecorder(ABC):
         until_seq: int | None = None,
         until_us: int | None = None,
         limit: int | None = None,
+        with_data: bool = True,
     ) -> Iterator[StoredEvent]:
-        """Yield stored events in ``seq`` order, filtered as asked."""
+        """Yield stored events in ``seq`` order, filtered as asked.
+
+        ``after_seq`` is exclusive, ``until_seq`` and ``until_us`` inclusive; ``limit``
+        caps the number yielded. ``with_data=False`` leaves ``data`` as None, which
+        spares decoding it when only the transitions matter.
+        """
 
     @abstractmethod
     def get_machine(self, machine_id: str) -> MachineRow | None:
@@ -180,11 +205,14 @@ class EventRecorder(ABC):
     def machines(
         self, *, kind: str | None = None, live_only: bool = False, job_id: str | None = None
     ) -> list[MachineRow]:
-        """Return projected rows (``live_only``: non-terminal machines only)."""
+        """Return projected rows ordered by machine id (``live_only``: non-terminal machines only)."""
 
     @abstractmethod
     def timers(self) -> list[tuple[int, str, int]]:
-        """Return ``(deadline_us, machine_id, version)`` of every armed timer."""
+        """Return ``(deadline_us, machine_id, version)`` of every armed timer, earliest first.
+
+        A timer is armed on every non-terminal machine whose projection holds a deadline.
+        """
 
     @abstractmethod
     def last_seq(self) -> int:

@@ -32,7 +32,6 @@ from sqlalchemy import (
     Table,
     UniqueConstraint,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 
 __all__ = ["NAMING_CONVENTION", "events", "machine_states", "metadata", "writer_lease"]
 
@@ -48,7 +47,10 @@ metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 # SQLite aliases an INTEGER PRIMARY KEY to the rowid (fast, monotonic); BIGINT would not.
 _Seq = BigInteger().with_variant(Integer(), "sqlite")
-_Json = JSON().with_variant(JSONB(), "postgresql")
+# json, not jsonb, on PostgreSQL: jsonb rewrites numbers (1e20 comes back as an
+# integer, -0.0 as 0) and refuses U+0000; the log must hand back what was written.
+# Queries can still cast: data::jsonb.
+_Json = JSON()
 
 events = Table(
     "events",

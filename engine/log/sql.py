@@ -20,6 +20,7 @@ import os
 import socket
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,14 +40,21 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.sql import ClauseElement
 
 from engine.clock import format_us
 from engine.config import Durability
-from engine.errors import ConcurrencyConflict, ConfigError, LeaseHeld, StoreError
+from engine.errors import ConcurrencyConflict, ConfigError, EngineError, LeaseHeld, StoreError
 from engine.log import migrate
-from engine.log.recorder import AppendResult, EventRecorder, MachineRow, NewEvent, StoredEvent
+from engine.log.recorder import (
+    AppendResult,
+    EventRecorder,
+    MachineRow,
+    NewEvent,
+    StoredEvent,
+    chained_conflict,
+)
 from engine.log.schema import events, machine_states, writer_lease
 from engine.log.target import describe, is_sqlite, sqlite_path, to_url
 
@@ -113,7 +121,7 @@ class SqlRecorder(EventRecorder):
         self.engine = self._make_engine()
         try:
             migrate.ensure_schema(self.engine, auto_upgrade=auto_upgrade)
-        except OperationalError as exc:
+        except DBAPIError as exc:
             self.engine.dispose()
             raise StoreError(f"cannot open the database {self.target}: {exc.orig}") from None
         except BaseException:
@@ -121,13 +129,16 @@ class SqlRecorder(EventRecorder):
             raise
         dialect = self.engine.dialect
         self._prepare(dialect)
-        if lease_holder is not None:
-            try:
+        try:
+            if lease_holder is not None:
                 self._acquire_lease(lease_holder)
-            except BaseException:
-                self.engine.dispose()
-                raise
-        self._writer = self._connect_writer()
+            self._writer = self._connect_writer()
+        except BaseException as exc:
+            self._release_lease()
+            self.engine.dispose()
+            if isinstance(exc, Exception) and not isinstance(exc, EngineError):
+                raise StoreError(f"cannot open the database {self.target}: {exc}") from exc
+            raise
 
     # -- set-up -----------------------------------------------------------------
 
@@ -138,11 +149,7 @@ class SqlRecorder(EventRecorder):
 
             @event.listens_for(engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute(f"PRAGMA synchronous={sync}")
-                cur.execute("PRAGMA busy_timeout=10000")
-                cur.close()
+                _sqlite_pragmas(dbapi_conn, sync)
 
             return engine
         try:
@@ -196,9 +203,7 @@ class SqlRecorder(EventRecorder):
             path = sqlite_path(self.url)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
             sync = {Durability.FULL: "FULL", Durability.NORMAL: "NORMAL", Durability.OFF: "OFF"}[self.durability]
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute(f"PRAGMA synchronous={sync}")
-            conn.execute("PRAGMA busy_timeout=10000")
+            _sqlite_pragmas(conn, sync)
             return conn
         import psycopg
 
@@ -329,9 +334,9 @@ class SqlRecorder(EventRecorder):
         elif self._sqlite:
             data = orjson.dumps(e.data).decode()
         else:
-            from psycopg.types.json import Jsonb
+            from psycopg.types.json import Json
 
-            data = Jsonb(e.data, dumps=_orjson_dumps)
+            data = Json(e.data, dumps=_orjson_dumps)
         return {
             "machine_id": e.machine_id, "kind": e.kind, "chart_version": e.chart_version,
             "version": e.version, "trigger": e.trigger, "source": e.source, "dest": e.dest,
@@ -377,15 +382,18 @@ class SqlRecorder(EventRecorder):
         results: list[AppendResult] = []
         lost: set[str] = set()
         for e in batch:
+            chained = e.machine_id in lost
             ok = False
-            if e.machine_id not in lost:
+            if not chained:
                 stmt = self._ins_state if e.version == 1 else self._upd_state
                 cur.execute(stmt.sql, self._state_params(e))
                 ok = cur.rowcount == 1
             if not ok:
                 lost.add(e.machine_id)
                 row = cur.execute(self._version_of.sql, self._version_of.params({"machine_id": e.machine_id})).fetchone()
-                results.append(AppendResult(None, ConcurrencyConflict(e.machine_id, e.version - 1, row[0] if row else 0)))
+                actual = row[0] if row else 0
+                error = chained_conflict(e, actual) if chained else ConcurrencyConflict(e.machine_id, e.version - 1, actual)
+                results.append(AppendResult(None, error))
                 continue
             (seq,) = self._insert_events(cur, [self._event_params(e)])
             results.append(AppendResult(seq))
@@ -473,7 +481,7 @@ class SqlRecorder(EventRecorder):
         stmt = (
             select(ms.deadline_us, ms.machine_id, ms.version)
             .where(ms.deadline_us.is_not(None), ms.terminal.is_(False))
-            .order_by(ms.deadline_us)
+            .order_by(ms.deadline_us, ms.machine_id)
         )
         with self.engine.connect() as conn:
             return [(int(d), str(m), int(v)) for d, m, v in conn.execute(stmt)]
@@ -491,13 +499,41 @@ class SqlRecorder(EventRecorder):
             try:
                 self._writer.close()
             finally:
-                if self._lease_fd is not None:
-                    os.close(self._lease_fd)  # closing the descriptor releases the flock
-                    self._lease_fd = None
-                if self._lease_conn is not None:
-                    self._lease_conn.close()  # ends the session: releases the advisory lock
-                    self._lease_conn = None
+                self._release_lease()
                 self.engine.dispose()
+
+    def _release_lease(self) -> None:
+        if self._lease_fd is not None:
+            os.close(self._lease_fd)  # closing the descriptor releases the flock
+            self._lease_fd = None
+        if self._lease_conn is not None:
+            self._lease_conn.close()  # ends the session: releases the advisory lock
+            self._lease_conn = None
+
+
+def _sqlite_pragmas(conn: sqlite3.Connection, sync: str) -> None:
+    """Set WAL, the sync level and the busy timeout on a new SQLite connection.
+
+    Turning a fresh file into WAL needs an exclusive lock, and SQLite answers
+    "database is locked" at once, without waiting out the busy timeout, when that
+    would deadlock with another connection's lock upgrade -- which happens when
+    several processes open a new log together. That answer is retried for a while.
+    """
+    cur = conn.cursor()
+    try:
+        cur.execute("PRAGMA busy_timeout=10000")
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                cur.execute("PRAGMA journal_mode=WAL")
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.005)
+        cur.execute(f"PRAGMA synchronous={sync}")
+    finally:
+        cur.close()
 
 
 def _orjson_dumps(obj: Any) -> str:
@@ -505,8 +541,6 @@ def _orjson_dumps(obj: Any) -> str:
 
 
 def _now_us() -> int:
-    import time
-
     return time.time_ns() // 1000
 
 

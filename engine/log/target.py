@@ -35,7 +35,7 @@ def to_url(target: str | Path | URL) -> URL:
         else:
             try:
                 url = make_url(text)
-            except ArgumentError as exc:
+            except (ArgumentError, ValueError) as exc:  # ValueError: e.g. a non-numeric port
                 raise ConfigError(f"not a database URL: {text!r} ({exc})") from None
     backend = url.get_backend_name()
     if backend not in _SUPPORTED:
@@ -44,9 +44,18 @@ def to_url(target: str | Path | URL) -> URL:
             "use a SQLite path or sqlite:///FILE, or postgresql://USER@HOST[:PORT]/DB"
         )
     if backend == "postgresql":
+        if not url.database:
+            raise ConfigError(
+                f"the PostgreSQL URL {url.render_as_string(hide_password=True)!r} names no database; "
+                "use postgresql://USER@HOST[:PORT]/DB"
+            )
         url = url.set(drivername="postgresql+psycopg")
     else:
         url = url.set(drivername="sqlite+pysqlite")
+        file = sqlite_path(url)
+        # checked here, before any connection: SQLite would only say "unable to open database file"
+        if file is not None and not file.parent.is_dir():
+            raise ConfigError(f"cannot use the database {file}: directory {file.parent} does not exist")
     return url
 
 
@@ -67,4 +76,5 @@ def describe(url: URL) -> str:
     path = sqlite_path(url)
     if path is not None:
         return str(path)
-    return url.render_as_string(hide_password=True)
+    # without the driver suffix: the form a user types (and can paste into a command)
+    return url.set(drivername=url.get_backend_name()).render_as_string(hide_password=True)
