@@ -120,7 +120,8 @@ def format_us(ts_us: int | None) -> str:
     if ts_us is None:
         return "-"
     dt = datetime.fromtimestamp(ts_us // US_PER_S, tz=UTC).replace(microsecond=ts_us % US_PER_S)
-    return dt.isoformat().replace("+00:00", "Z")
+    # always six fractional digits, like the SQL views, so text compares and sorts alike
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def parse_time_us(text: str) -> int:

@@ -111,7 +111,6 @@ class SqlRecorder(EventRecorder):
         self._sqlite = is_sqlite(self.url)
         self._lock = threading.Lock()
         self._lease_fd: int | None = None
-        self._lease_conn: Any = None
         self._closed = False
         path = sqlite_path(self.url)
         if self._sqlite and path is None:
@@ -129,11 +128,16 @@ class SqlRecorder(EventRecorder):
             raise
         dialect = self.engine.dialect
         self._prepare(dialect)
+        self._writer: Any = None
         try:
-            if lease_holder is not None:
-                self._acquire_lease(lease_holder)
+            if self._sqlite and lease_holder is not None:
+                self._acquire_lease(lease_holder)  # before touching the file as a writer
             self._writer = self._connect_writer()
+            if not self._sqlite and lease_holder is not None:
+                self._acquire_lease(lease_holder)
         except BaseException as exc:
+            if self._writer is not None:
+                self._writer.close()
             self._release_lease()
             self.engine.dispose()
             if isinstance(exc, Exception) and not isinstance(exc, EngineError):
@@ -190,6 +194,16 @@ class SqlRecorder(EventRecorder):
             select(ms.version).where(ms.machine_id == bindparam("machine_id")), dialect
         )
         self._last_rowid = _Prepared(select(func.last_insert_rowid()), dialect) if self._sqlite else None
+        if not self._sqlite:
+            self._try_lock = _Prepared(select(func.pg_try_advisory_lock(bindparam("key"))), dialect)
+            self._lease_holder = _Prepared(
+                select(writer_lease.c.holder).where(writer_lease.c.name == bindparam("name")), dialect)
+            self._lease_upsert = _Prepared(
+                pg_dialect.insert(writer_lease)
+                .values(name=bindparam("name"), holder=bindparam("holder"), acquired_us=bindparam("acquired_us"))
+                .on_conflict_do_update(index_elements=["name"], set_={
+                    "holder": bindparam("holder"), "acquired_us": bindparam("acquired_us")}),
+                dialect)
         # The positional (SQLite) statements get their parameters as tuples built
         # straight from the event; check the compiled order is the one those builders
         # assume, and fall back to the generic dict path if SQLAlchemy ever differs.
@@ -237,26 +251,18 @@ class SqlRecorder(EventRecorder):
             os.pwrite(fd, who.encode(), 0)
             self._lease_fd = fd
             return
-        import psycopg
-
-        conn = psycopg.connect(self._pg_conninfo(), autocommit=True)
-        got = conn.execute("SELECT pg_try_advisory_lock(%s)", (_PG_LEASE_KEY,)).fetchone()
+        # PostgreSQL: the advisory lock is taken on the writer connection itself, so it
+        # lives exactly as long as the session that commits: a killed writer's last
+        # commit has finished (or been rolled back) before the lock is free again.
+        conn = self._writer
+        got = conn.execute(self._try_lock.sql, self._try_lock.params({"key": _PG_LEASE_KEY})).fetchone()
         if not got or not got[0]:
-            row = conn.execute(
-                str(select(writer_lease.c.holder).where(writer_lease.c.name == literal(_LEASE_NAME))
-                    .compile(dialect=self.engine.dialect, compile_kwargs={"literal_binds": True}))
-            ).fetchone()
-            conn.close()
+            row = conn.execute(self._lease_holder.sql, self._lease_holder.params({"name": _LEASE_NAME})).fetchone()
+            conn.rollback()
             raise LeaseHeld(self.target, row[0] if row else "another process")
-        stmt = (
-            pg_dialect.insert(writer_lease)
-            .values(name=_LEASE_NAME, holder=who, acquired_us=_now_us())
-            .on_conflict_do_update(index_elements=["name"], set_={"holder": who, "acquired_us": _now_us()})
-        )
-        prepared = _Prepared(stmt, self.engine.dialect)
-        compiled = stmt.compile(dialect=self.engine.dialect)
-        conn.execute(prepared.sql, compiled.params)
-        self._lease_conn = conn
+        conn.execute(self._lease_upsert.sql, self._lease_upsert.params(
+            {"name": _LEASE_NAME, "holder": who, "acquired_us": _now_us()}))
+        conn.commit()
 
     # -- appends ----------------------------------------------------------------
 
@@ -503,12 +509,10 @@ class SqlRecorder(EventRecorder):
                 self.engine.dispose()
 
     def _release_lease(self) -> None:
+        # PostgreSQL's advisory lock belongs to the writer session and goes with it
         if self._lease_fd is not None:
             os.close(self._lease_fd)  # closing the descriptor releases the flock
             self._lease_fd = None
-        if self._lease_conn is not None:
-            self._lease_conn.close()  # ends the session: releases the advisory lock
-            self._lease_conn = None
 
 
 def _sqlite_pragmas(conn: sqlite3.Connection, sync: str) -> None:

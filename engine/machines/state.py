@@ -127,10 +127,11 @@ def step(current: MachineState | None, event: NewEvent | StoredEvent, terminal: 
     if current is None:
         return MachineState(event.machine_id, event.kind, event.chart_version, event.dest, event.version,
                             terminal, event.deadline_us, event.job_id, event.round, event.site)
+    # job and site are fixed when the machine is created (as in the projection);
+    # the round moves with the events that name one
     return MachineState(
-        event.machine_id, event.kind, event.chart_version, event.dest, event.version, terminal,
-        event.deadline_us,
-        event.job_id if event.job_id is not None else current.job_id,
+        event.machine_id, current.kind, event.chart_version, event.dest, event.version, terminal,
+        event.deadline_us, current.job_id,
         event.round if event.round is not None else current.round,
-        event.site if event.site is not None else current.site,
+        current.site,
     )
