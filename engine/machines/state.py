@@ -9,8 +9,7 @@ live run computed.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from engine.charts.model import Chart
 from engine.errors import GuardRejected, TransitionRejected
@@ -26,9 +25,12 @@ US_PER_S = 1_000_000
 Guard = Callable[["MachineState", Mapping[str, Any]], bool]
 
 
-@dataclass(frozen=True, slots=True)
-class MachineState:
-    """Where one machine is: its chart state, version and armed deadline."""
+class MachineState(NamedTuple):
+    """Where one machine is: its chart state, version and armed deadline.
+
+    A named tuple rather than a frozen dataclass: it is immutable all the same, and
+    building one is several times cheaper, which is most of a replay's cost per event.
+    """
 
     machine_id: str
     kind: str
@@ -45,7 +47,7 @@ class MachineState:
     def from_row(cls, row: MachineRow) -> MachineState:
         """The state a projection row describes (restoring runs no callbacks)."""
         return cls(row.machine_id, row.kind, row.chart_version, row.state, row.version,
-                   row.terminal, row.deadline_us, row.job_id, row.round, row.site)
+                   bool(row.terminal), row.deadline_us, row.job_id, row.round, row.site)
 
 
 def deadline_for(
