@@ -129,6 +129,7 @@ class SqlRecorder(EventRecorder):
         dialect = self.engine.dialect
         self._prepare(dialect)
         self._writer: Any = None
+        self._in_txn = False  # a transaction with staged, uncommitted events is open
         try:
             if self._sqlite and lease_holder is not None:
                 self._acquire_lease(lease_holder)  # before touching the file as a writer
@@ -270,26 +271,62 @@ class SqlRecorder(EventRecorder):
         if not batch:
             return []
         with self._lock:
-            if self._closed:
-                raise StoreError(f"the log at {self.target} is closed")
-            try:
-                seqs = self._append_fast(batch)
-                if seqs is not None:
-                    return [AppendResult(s) for s in seqs]
-                return self._append_slow(batch)
-            except (sqlite3.Error, Exception) as exc:
-                if isinstance(exc, ConcurrencyConflict):
-                    raise
-                self._rollback()
-                if isinstance(exc, StoreError):
-                    raise
-                raise StoreError(f"append to {self.target} failed: {exc}") from exc
+            results = self._stage_locked(batch)
+            self._commit_locked()
+            return results
 
-    def _begin(self) -> Any:
-        cur = self._writer.cursor()
-        if self._sqlite:
-            cur.execute("BEGIN IMMEDIATE")
-        return cur
+    def stage(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
+        if not batch:
+            return []
+        with self._lock:
+            return self._stage_locked(batch)
+
+    def commit_staged(self) -> None:
+        with self._lock:
+            self._commit_locked()
+
+    def abort_staged(self) -> None:
+        with self._lock:
+            self._rollback()
+            self._in_txn = False
+
+    def _stage_locked(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
+        if self._closed:
+            raise StoreError(f"the log at {self.target} is closed")
+        try:
+            cur = self._writer.cursor()
+            if not self._in_txn:
+                if self._sqlite:
+                    cur.execute("BEGIN IMMEDIATE")
+                self._in_txn = True
+            # a savepoint lets a batch that lost a race be undone and redone event by
+            # event without touching what earlier batches staged in this transaction
+            cur.execute("SAVEPOINT fedlog_batch")
+            seqs = self._append_fast(cur, batch)
+            if seqs is not None:
+                cur.execute("RELEASE SAVEPOINT fedlog_batch")
+                return [AppendResult(s) for s in seqs]
+            cur.execute("ROLLBACK TO SAVEPOINT fedlog_batch")
+            results = self._append_slow(cur, batch)
+            cur.execute("RELEASE SAVEPOINT fedlog_batch")
+            return results
+        except Exception as exc:
+            self._rollback()
+            self._in_txn = False
+            if isinstance(exc, StoreError):
+                raise
+            raise StoreError(f"append to {self.target} failed: {exc}") from exc
+
+    def _commit_locked(self) -> None:
+        if not self._in_txn:
+            return
+        try:
+            self._commit()
+        except Exception as exc:
+            self._rollback()
+            raise StoreError(f"commit to {self.target} failed: {exc}") from exc
+        finally:
+            self._in_txn = False
 
     def _commit(self) -> None:
         if self._sqlite:
@@ -350,24 +387,19 @@ class SqlRecorder(EventRecorder):
             "deadline_us": e.deadline_us, "ts_us": e.ts_us, "writer": e.writer,
         }
 
-    def _append_fast(self, batch: Sequence[NewEvent]) -> list[int] | None:
-        cur = self._begin()
+    def _append_fast(self, cur: Any, batch: Sequence[NewEvent]) -> list[int] | None:
         new = [self._state_params(e) for e in batch if e.version == 1]
         moved = [self._state_params(e) for e in batch if e.version != 1]
         if new:
             cur.executemany(self._ins_state.sql, new)
             if cur.rowcount != len(new):
-                self._rollback()
                 return None
         if moved:
             cur.executemany(self._upd_state.sql, moved)
             if cur.rowcount != len(moved):
-                self._rollback()
                 return None
         rows = [self._event_params(e) for e in batch]
-        seqs = self._insert_events(cur, rows)
-        self._commit()
-        return seqs
+        return self._insert_events(cur, rows)
 
     def _insert_events(self, cur: Any, rows: list[Any]) -> list[int]:
         if self._sqlite:
@@ -383,8 +415,7 @@ class SqlRecorder(EventRecorder):
                 break
         return seqs
 
-    def _append_slow(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
-        cur = self._begin()
+    def _append_slow(self, cur: Any, batch: Sequence[NewEvent]) -> list[AppendResult]:
         results: list[AppendResult] = []
         lost: set[str] = set()
         for e in batch:
@@ -403,7 +434,6 @@ class SqlRecorder(EventRecorder):
                 continue
             (seq,) = self._insert_events(cur, [self._event_params(e)])
             results.append(AppendResult(seq))
-        self._commit()
         return results
 
     # -- reads ------------------------------------------------------------------
