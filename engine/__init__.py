@@ -12,18 +12,23 @@ from engine.charts.registry import ChartRegistry
 from engine.clock import Clock, ManualClock, SystemClock
 from engine.config import Durability, Settings
 from engine.errors import (
+    AuthError,
     ChartError,
     ChartValidationError,
+    ClientDisconnected,
     ConcurrencyConflict,
     ConfigError,
     EngineError,
     GuardRejected,
+    HttpError,
     LeaseHeld,
     LogCorrupted,
     NondeterminismError,
+    RemoteError,
     SchemaError,
     StoreError,
     TransitionRejected,
+    TransportError,
     UnknownMachine,
 )
 from engine.log.memory import MemoryRecorder
@@ -35,12 +40,14 @@ from engine.machines.state import MachineState
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuthError",
     "Chart",
     "ChartError",
     "ChartRegistry",
     "ChartState",
     "ChartTransition",
     "ChartValidationError",
+    "ClientDisconnected",
     "Clock",
     "ConcurrencyConflict",
     "ConfigError",
@@ -48,6 +55,7 @@ __all__ = [
     "EngineError",
     "EventRecorder",
     "GuardRejected",
+    "HttpError",
     "LeaseHeld",
     "LogCorrupted",
     "MachineRow",
@@ -57,6 +65,7 @@ __all__ = [
     "NewEvent",
     "NondeterminismError",
     "RecoveryReport",
+    "RemoteError",
     "Runtime",
     "SchemaError",
     "Settings",
@@ -66,6 +75,7 @@ __all__ = [
     "StoredEvent",
     "SystemClock",
     "TransitionRejected",
+    "TransportError",
     "UnknownMachine",
     "__version__",
     "load_chart",

@@ -15,30 +15,41 @@ exception carries the data a program needs to react (not only a message)::
     │   └── GuardRejected           .guard  (trigger legal, its guard said no)
     ├── UnknownMachine              .machine_id
     ├── LogCorrupted                .problems: list[str]  (replay --verify found a lie)
-    └── NondeterminismError         .call, .recorded  (replay diverged from the log)
+    ├── NondeterminismError         .call, .recorded  (replay diverged from the log)
+    ├── HttpError                   .status, .code, .message, .details  (server: answer with an error)
+    ├── ClientDisconnected          (server: the peer left while its body was read)
+    ├── TransportError              .method, .url, .reason, .maybe_processed  (client: no HTTP answer)
+    └── RemoteError                 .status, .code, .message, .details  (client: the server said no)
+        └── AuthError               401 (who are you?) or 403 (not allowed)
 
 Domain conditions never surface as ``ValueError`` or ``AssertionError``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 __all__ = [
+    "AuthError",
     "ChartError",
+    "ClientDisconnected",
     "ChartProblem",
     "ChartValidationError",
     "ConcurrencyConflict",
     "ConfigError",
     "EngineError",
     "GuardRejected",
+    "HttpError",
     "LeaseHeld",
     "LogCorrupted",
     "NondeterminismError",
+    "RemoteError",
     "SchemaError",
     "StoreError",
     "TransitionRejected",
+    "TransportError",
     "UnknownMachine",
 ]
 
@@ -168,3 +179,71 @@ class NondeterminismError(EngineError):
         self.call = call
         self.recorded = recorded
         super().__init__(f"replay diverged: the controller called {call}, the log recorded {recorded}")
+
+
+class HttpError(EngineError):
+    """An error answer: status, stable code, message for people, extra JSON fields, headers."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        headers: Mapping[str, str] | None = None,
+        details: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = dict(headers or {})
+        self.details = dict(details or {})
+        super().__init__(f"{status} {code}: {message}")
+
+    def body(self) -> dict[str, Any]:
+        """The JSON document sent for this error."""
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class ClientDisconnected(EngineError):
+    """The peer went away while its request body was being read (there is no one to answer)."""
+
+
+class TransportError(EngineError):
+    """No HTTP response: the connection failed, broke or timed out."""
+
+    def __init__(self, method: str, url: str, reason: str, *, maybe_processed: bool = False) -> None:
+        self.method = method
+        self.url = url
+        self.reason = reason
+        self.maybe_processed = maybe_processed
+        tail = "; the server may have processed it" if maybe_processed else ""
+        super().__init__(f"{method} {url}: {reason}{tail}")
+
+
+class RemoteError(EngineError):
+    """The server answered with an error status and (usually) a JSON error body."""
+
+    def __init__(
+        self,
+        method: str,
+        url: str,
+        status: int,
+        code: str,
+        message: str,
+        *,
+        details: Mapping[str, Any] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        self.method = method
+        self.url = url
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+        self.headers: dict[str, str] = dict(headers or {})
+        super().__init__(f"{method} {url}: {status} {code}: {message}")
+
+
+class AuthError(RemoteError):
+    """The server refused the credential (401) or the identity's access to the route (403)."""

@@ -1,6 +1,6 @@
 """Errors a client sees when talking to a fedlog server.
 
-They extend the engine's one error tree (``engine.errors.EngineError``)::
+They are defined in ``engine.errors`` (the one error tree) and re-exported here::
 
     EngineError
     ├── TransportError      .method, .url, .reason, .maybe_processed  (no HTTP answer)
@@ -22,52 +22,12 @@ from typing import Any
 
 import orjson
 
-from engine.errors import EngineError
+from engine.errors import AuthError, RemoteError, TransportError
 
 __all__ = ["AuthError", "RemoteError", "TransportError", "error_from_response"]
 
 #: how much of a non-JSON error body is quoted in the message
 _QUOTE_LIMIT = 300
-
-
-class TransportError(EngineError):
-    """No HTTP response: the connection failed, broke or timed out."""
-
-    def __init__(self, method: str, url: str, reason: str, *, maybe_processed: bool = False) -> None:
-        self.method = method
-        self.url = url
-        self.reason = reason
-        self.maybe_processed = maybe_processed
-        tail = "; the server may have processed it" if maybe_processed else ""
-        super().__init__(f"{method} {url}: {reason}{tail}")
-
-
-class RemoteError(EngineError):
-    """The server answered with an error status and (usually) a JSON error body."""
-
-    def __init__(
-        self,
-        method: str,
-        url: str,
-        status: int,
-        code: str,
-        message: str,
-        *,
-        details: Mapping[str, Any] | None = None,
-        headers: Mapping[str, str] | None = None,
-    ) -> None:
-        self.method = method
-        self.url = url
-        self.status = status
-        self.code = code
-        self.message = message
-        self.details: dict[str, Any] = dict(details or {})
-        self.headers: dict[str, str] = dict(headers or {})
-        super().__init__(f"{method} {url}: {status} {code}: {message}")
-
-
-class AuthError(RemoteError):
-    """The server refused the credential (401) or the identity's access to the route (403)."""
 
 
 def error_from_response(
