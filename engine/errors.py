@@ -16,6 +16,7 @@ exception carries the data a program needs to react (not only a message)::
     ├── UnknownMachine              .machine_id
     ├── LogCorrupted                .problems: list[str]  (replay --verify found a lie)
     ├── NondeterminismError         .call, .recorded  (replay diverged from the log)
+    ├── TaskError                   .argument  (a task or scheduling argument cannot be used)
     ├── HttpError                   .status, .code, .message, .details  (server: answer with an error)
     ├── ClientDisconnected          (server: the peer left while its body was read)
     ├── TransportError              .method, .url, .reason, .maybe_processed  (client: no HTTP answer)
@@ -48,6 +49,7 @@ __all__ = [
     "RemoteError",
     "SchemaError",
     "StoreError",
+    "TaskError",
     "TransitionRejected",
     "TransportError",
     "UnknownMachine",
@@ -247,3 +249,15 @@ class RemoteError(EngineError):
 
 class AuthError(RemoteError):
     """The server refused the credential (401) or the identity's access to the route (403)."""
+
+
+class TaskError(EngineError):
+    """A scheduling argument, task field or submitted value cannot be used; nothing was written.
+
+    ``argument`` names the offending argument (``"targets"``, ``"min_responses"``,
+    ``"task.data"``, ``"result"``...).
+    """
+
+    def __init__(self, argument: str, message: str) -> None:
+        self.argument = argument
+        super().__init__(f"{argument}: {message}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import engine
 
 EXPECTED = {
-    "AuthError", "ClientDisconnected", "HttpError", "RemoteError", "TransportError",
+    "AuthError", "TaskError", "ClientDisconnected", "HttpError", "RemoteError", "TransportError",
     "Chart", "ChartError", "ChartRegistry", "ChartState", "ChartTransition", "ChartValidationError",
     "Clock", "ConcurrencyConflict", "ConfigError", "Durability", "EngineError", "EventRecorder",
     "GuardRejected", "LeaseHeld", "LogCorrupted", "MachineRow", "MachineState", "ManualClock",

@@ -6,4 +6,7 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tools/setup-venv.sh "$root/.venv" ""
-exec "$root/.venv/bin/fedlog" demo "$@"
+status=0
+"$root/.venv/bin/fedlog" demo "$@" || status=$?
+echo "(the fedlog command used here is $root/.venv/bin/fedlog)"
+exit "$status"

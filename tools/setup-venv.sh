@@ -19,5 +19,11 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 spec="$root"
 [ -n "$extras" ] && spec="$root[$extras]"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt" --force-reinstall --no-deps "$root"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt" "$spec"
+pip_install() {
+  # some machines' pip configuration names package folders that do not exist; pip
+  # warns about each one on every install: keep that noise out, keep real errors
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -c "$root/constraints.txt" "$@" \
+    2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+}
+pip_install --force-reinstall --no-deps "$root"
+pip_install "$spec"
