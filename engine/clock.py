@@ -42,6 +42,9 @@ class Clock:
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Ask to be called when time jumps (manual clocks); real clocks never call it."""
 
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        """Stop calling ``callback`` (no-op if it was not subscribed)."""
+
 
 class SystemClock(Clock):
     """Wall-clock time and random uuids: what a real server uses."""
@@ -113,6 +116,10 @@ class ManualClock(Clock):
 
     def subscribe(self, callback: Callable[[], None]) -> None:
         self._listeners.append(callback)
+
+    def unsubscribe(self, callback: Callable[[], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
 
 def format_us(ts_us: int | None) -> str:

@@ -377,6 +377,7 @@ class Runtime:
             self._closing = True
             self._timer_cond.notify_all()
         if self._timer_thread is not None:
+            self.clock.unsubscribe(self._wake_timers)
             self._timer_thread.join()
         self._committer.close()
 
