@@ -170,23 +170,6 @@ class EventRecorder(ABC):
         the batch is durable at the recorder's durability level.
         """
 
-    def stage(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
-        """Write ``batch`` inside the open transaction (opening one), without committing.
-
-        Results are final for conflicts but provisional for success: the events are
-        durable only once ``commit_staged`` returns, and an error from it (or from a
-        later ``stage``) loses every event staged since the last commit. The group
-        committer uses this to do the SQL work of a batch while its callers are
-        still queueing, leaving only the commit for the end.
-        """
-        return self.append(batch)
-
-    def commit_staged(self) -> None:  # noqa: B027 - recorders without transactions stage = append
-        """Commit everything staged since the last commit (no-op when nothing is)."""
-
-    def abort_staged(self) -> None:  # noqa: B027 - recorders without transactions stage = append
-        """Roll back everything staged since the last commit (if the backend can)."""
-
     def append_one(self, event: NewEvent) -> StoredEvent:
         """Append a single event; raise ``ConcurrencyConflict`` if it lost a race."""
         (result,) = self.append([event])

@@ -129,7 +129,7 @@ class SqlRecorder(EventRecorder):
         dialect = self.engine.dialect
         self._prepare(dialect)
         self._writer: Any = None
-        self._in_txn = False  # a transaction with staged, uncommitted events is open
+        self._in_txn = False  # a transaction with written, uncommitted events is open
         try:
             if self._sqlite and lease_holder is not None:
                 self._acquire_lease(lease_holder)  # before touching the file as a writer
@@ -271,26 +271,11 @@ class SqlRecorder(EventRecorder):
         if not batch:
             return []
         with self._lock:
-            results = self._stage_locked(batch)
+            results = self._write_locked(batch)
             self._commit_locked()
             return results
 
-    def stage(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
-        if not batch:
-            return []
-        with self._lock:
-            return self._stage_locked(batch)
-
-    def commit_staged(self) -> None:
-        with self._lock:
-            self._commit_locked()
-
-    def abort_staged(self) -> None:
-        with self._lock:
-            self._rollback()
-            self._in_txn = False
-
-    def _stage_locked(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
+    def _write_locked(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
         if self._closed:
             raise StoreError(f"the log at {self.target} is closed")
         try:
@@ -300,7 +285,7 @@ class SqlRecorder(EventRecorder):
                     cur.execute("BEGIN IMMEDIATE")
                 self._in_txn = True
             # a savepoint lets a batch that lost a race be undone and redone event by
-            # event without touching what earlier batches staged in this transaction
+            # event inside the same transaction
             cur.execute("SAVEPOINT fedlog_batch")
             seqs = self._append_fast(cur, batch)
             if seqs is not None:

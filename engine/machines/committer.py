@@ -19,9 +19,6 @@ from engine.log.recorder import AppendResult, EventRecorder, NewEvent
 
 __all__ = ["GroupCommitter"]
 
-#: longest the writer waits for an event loop's pending flush before committing anyway
-_FLUSH_WAIT_S = 0.005
-
 logger = logging.getLogger(__name__)
 
 
@@ -39,11 +36,12 @@ class _Batch:
 class GroupCommitter:
     """Batches appends from many callers into single transactions on ``recorder``.
 
-    The writer never holds events back: it stages (writes, uncommitted) whatever is
-    queued the moment it is free, so the database works while callers are still
-    planning. It commits when nothing more is queued -- for asyncio callers, once
-    their loop has finished the iteration in which they queued (a ``call_soon``
-    flush), so every task that was ready shares the one fsync.
+    The writer never waits to fill a batch: it commits whatever is queued the moment
+    it is free. Under load that keeps two batches in flight -- one committing while
+    the callers woken by the previous one plan their next events -- which measured
+    faster than holding commits back to gather bigger batches (the fsync is cheap
+    next to the per-event work it would serialize). asyncio callers of one event
+    loop wake the writer once per loop iteration, after all ready tasks have queued.
     """
 
     def __init__(self, recorder: EventRecorder, *, max_batch: int = 4096) -> None:
@@ -89,8 +87,6 @@ class GroupCommitter:
             batch = self._open
             batch.events.append(event)
             batch.futures.append((loop, future, len(batch.events) - 1))
-            if len(batch.events) == 1:
-                self._cond.notify()  # start staging now; the flush says when to commit
             schedule = loop not in self._flush_scheduled
             if schedule:
                 self._flush_scheduled.add(loop)
@@ -122,44 +118,18 @@ class GroupCommitter:
                     self._cond.wait()
                 if not self._open.events and self._closing:
                     return
-            self._commit_round()
-
-    def _commit_round(self) -> None:
-        """Stage batches as they are queued, then commit them all in one transaction.
-
-        The SQL work of each batch runs while its callers' event loop is still
-        planning the next events (the driver releases the GIL while the database
-        works); the commit waits until no loop has queued events left to flush, so
-        one transaction, and one fsync, takes everything that was ready.
-        """
-        staged: list[_Batch] = []
-        count = 0
-        try:
-            while count < self.max_batch:
-                with self._cond:
-                    if not self._open.events and self._flush_scheduled and not self._closing:
-                        # an event loop is still queueing this iteration's events; its
-                        # flush callback wakes us (bounded, should a loop stop early)
-                        self._cond.wait(_FLUSH_WAIT_S)
-                    if not self._open.events:
-                        break
-                    batch = self._open
-                    self._open = _Batch()
-                staged.append(batch)
-                batch.results = self.recorder.stage(batch.events)
-                count += len(batch.events)
-            self.recorder.commit_staged()
-            self.batches += 1
-            self.events += count
-        except BaseException as exc:  # surfaced to every waiting caller of the round
-            logger.error("group commit of %d event(s) failed: %s", count, exc)
+                batch = self._open
+                self._open = _Batch()
             try:
-                self.recorder.abort_staged()
-            except Exception:  # the recorder already reported the original failure
-                logger.debug("abort after a failed commit failed too", exc_info=True)
-            for batch in staged:
+                results: list[AppendResult] = []
+                for start in range(0, len(batch.events), self.max_batch):
+                    results.extend(self.recorder.append(batch.events[start : start + self.max_batch]))
+                batch.results = results
+                self.batches += 1
+                self.events += len(batch.events)
+            except BaseException as exc:  # surfaced to every waiting caller
+                logger.error("group commit of %d event(s) failed: %s", len(batch.events), exc)
                 batch.error = exc
-        for batch in staged:
             batch.done.set()
             self._resolve_futures(batch)
 
