@@ -120,14 +120,17 @@ def bench_fire_many_async(target: str, machines: int, per_machine: int) -> tuple
         for i in range(per_machine):
             await rt.fire_async(mid, "start" if i % 2 == 0 else "finish", PAYLOAD)
 
+    before: list[tuple[int, int]] = []
+
     async def main() -> float:
         ids = [(await rt.create_async("bench")).machine_id for _ in range(machines)]
+        before.append(rt.commit_stats)  # count only the measured phase's commits
         t0 = time.perf_counter()
         await asyncio.gather(*(drive(m) for m in ids))
         return time.perf_counter() - t0
 
     elapsed = asyncio.run(main())
-    batches, events = rt.commit_stats
+    batches, events = (now - then for now, then in zip(rt.commit_stats, before[0], strict=True))
     rt.close()
     rec.close()
     return machines * per_machine / elapsed, events / max(batches, 1)
@@ -211,7 +214,10 @@ def bench_raw_postgres(target: str, per_event: int, batched: int) -> tuple[float
     from sqlalchemy.engine import make_url
 
     url = make_url(target).set(drivername="postgresql").render_as_string(hide_password=False)
-    pg_schema = RAW_SCHEMA.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY").replace("data TEXT", "data JSONB")
+    # same columns as fedlog's PostgreSQL schema: 64-bit times, event data as json
+    pg_schema = (RAW_SCHEMA.replace("INTEGER PRIMARY KEY", "BIGSERIAL PRIMARY KEY")
+                 .replace("deadline_us INTEGER", "deadline_us BIGINT").replace("ts_us INTEGER", "ts_us BIGINT")
+                 .replace("data TEXT", "data JSON"))
     pg_schema = pg_schema.replace("CREATE TABLE events", "CREATE TABLE raw_events")
     insert = RAW_INSERT.replace("?", "%s").replace("INTO events", "INTO raw_events")
     rows = raw_rows(per_event + batched)
