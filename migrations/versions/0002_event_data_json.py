@@ -9,7 +9,7 @@ dropped and created again around the type change.
 
 Revision ID: 0002
 Revises: 0001
-Create Date: 2026-11-24
+Create Date: 2026-11-23
 """
 
 from __future__ import annotations
