@@ -18,7 +18,7 @@ from engine.clock import ManualClock
 from engine.log.memory import MemoryRecorder
 from engine.machines.runtime import Runtime
 
-KINDS = {"job", "task", "client_task", "stream_send", "stream_receive", "swarm_round", "site"}
+KINDS = {"job", "task", "client_task", "stream_send", "stream_receive", "swarm_round", "site", "workflow"}
 
 
 def moves(chart: Chart) -> set[tuple[str, str, str]]:

@@ -1,0 +1,137 @@
+"""Built-in workflows: scatter-and-gather (FedAvg) and cyclic relay.
+
+Models are small JSON: a dict of numbers or of lists of numbers (the tensor path of
+the next issue replaces this payload with manifests). A site's task data is
+``{"round": r, "model": model}`` and its result ``{"model": model, "n": examples}``.
+Both workflows checkpoint after every round, so a restarted job replays at most the
+round in progress.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.errors import TaskError
+from engine.tasks import ClientTaskView, Task, TaskCompletionStatus, TaskOutcome
+from engine.workflows.controller import Controller
+
+__all__ = ["check_model", "cyclic", "fedavg", "scatter_and_gather", "weighted_mean"]
+
+Model = dict[str, Any]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_model(model: Any, argument: str) -> Model:
+    """``model`` if it is a dict of numbers or of lists of numbers, else TaskError naming ``argument``."""
+    if not isinstance(model, dict) or not model:
+        raise TaskError(argument, f"must be a non-empty dict of numbers or lists of numbers, got {model!r}")
+    for key, value in model.items():
+        if _is_number(value):
+            continue
+        if isinstance(value, list) and all(_is_number(x) for x in value):
+            continue
+        raise TaskError(argument, f"entry {key!r} must be a number or a list of numbers, got {value!r}")
+    return model
+
+
+def _site_update(site: str, result: Any, like: Model, argument: str) -> tuple[Model, float]:
+    """A site's (model, n), checked against the shape of ``like``."""
+    if not isinstance(result, dict) or "model" not in result:
+        raise TaskError(argument, f"{site}'s result must be {{'model': ..., 'n': ...}}, got {result!r}")
+    n = result.get("n", 1)
+    if not _is_number(n) or n <= 0:
+        raise TaskError(argument, f"{site}'s example count n must be a number > 0, got {n!r}")
+    model = check_model(result["model"], argument)
+    if model.keys() != like.keys():
+        raise TaskError(argument, f"{site}'s model has keys {sorted(model)}, expected {sorted(like)}")
+    for key, value in like.items():
+        if isinstance(value, list) != isinstance(model[key], list) or (
+                isinstance(value, list) and len(value) != len(model[key])):
+            raise TaskError(argument, f"{site}'s entry {key!r} does not have the shape of the global model's")
+    return model, float(n)
+
+
+def weighted_mean(outcome: TaskOutcome, like: Model) -> tuple[Model, list[str], float]:
+    """The mean of the results' models weighted by their ``n``, summed in site order.
+
+    Returns (model, the sites counted, total n). A site with several results counts
+    its last. Raises TaskError when there is no result or one has the wrong shape.
+    """
+    by_site = outcome.by_site()
+    if not by_site:
+        raise TaskError("results", f"task {outcome.task_id!r} ended {outcome.status.value} with no result")
+    sites = sorted(by_site)
+    updates = [_site_update(site, by_site[site], like, "results") for site in sites]
+    total = sum(n for _, n in updates)
+    mean: Model = {}
+    for key, value in like.items():
+        if isinstance(value, list):
+            mean[key] = [sum(n * m[key][j] for m, n in updates) / total for j in range(len(value))]
+        else:
+            mean[key] = sum(n * m[key] for m, n in updates) / total
+    return mean, sites, total
+
+
+def fedavg(ctl: Controller, model: Model, rounds: int = 3, min_clients: int = 0, targets: list[str] | None = None,
+           timeout: float = 0, wait_time_after_min_received: float = 0, task_name: str = "train") -> Model:
+    """FedAvg: each round, broadcast the model and replace it by the n-weighted mean of the results.
+
+    ``min_clients`` is the broadcast's ``min_responses`` (0: every target). Publishes
+    ``{"model", "sites", "n"}`` for every round and checkpoints after it.
+    """
+    check_model(model, "model")
+    state = ctl.resume_point() or {"round": 0, "model": model}
+    model = state["model"]
+    for r in range(state["round"], rounds):
+        ctl.logger.info("round %d: broadcasting %r", r, task_name)
+        outcome = ctl.broadcast_and_wait(Task(task_name, data={"round": r, "model": model}, timeout=timeout),
+                                         targets=targets, min_responses=min_clients,
+                                         wait_time_after_min_received=wait_time_after_min_received)
+        model, sites, total = weighted_mean(outcome, model)
+        ctl.publish({"model": model, "sites": sites, "n": total}, round=r)
+        ctl.checkpoint({"round": r + 1, "model": model})
+    return model
+
+
+def scatter_and_gather(ctl: Controller, model: Model, rounds: int = 3, min_clients: int = 0,
+                       targets: list[str] | None = None, timeout: float = 0,
+                       wait_time_after_min_received: float = 0, task_name: str = "train") -> Model:
+    """The reference's ScatterAndGather: the same rounds as ``fedavg``."""
+    return fedavg(ctl, model, rounds=rounds, min_clients=min_clients, targets=targets, timeout=timeout,
+                  wait_time_after_min_received=wait_time_after_min_received, task_name=task_name)
+
+
+def _next_hop(view: ClientTaskView) -> None:
+    """A relay hop's result becomes the next hop's input (same round, the hop's model)."""
+    result = view.result
+    if isinstance(result, dict) and "model" in result and isinstance(view.data, dict):
+        view.next_data = {**view.data, "model": result["model"]}
+
+
+def cyclic(ctl: Controller, model: Model, rounds: int = 1, targets: list[str] | None = None, timeout: float = 0,
+           task_assignment_timeout: float = 0, task_result_timeout: float = 0, task_name: str = "train") -> Model:
+    """Cyclic relay: each round the model visits the targets in order, each hop training on the last's result.
+
+    Publishes ``{"model", "sites"}`` (the hops that answered, in order) per round and
+    checkpoints after it. A round that ends without an OK last result is a TaskError.
+    """
+    check_model(model, "model")
+    state = ctl.resume_point() or {"round": 0, "model": model}
+    model = state["model"]
+    for r in range(state["round"], rounds):
+        ctl.logger.info("round %d: relaying %r", r, task_name)
+        outcome = ctl.relay_and_wait(
+            Task(task_name, data={"round": r, "model": model}, timeout=timeout, result_received_cb=_next_hop),
+            targets=targets, task_assignment_timeout=task_assignment_timeout,
+            task_result_timeout=task_result_timeout)
+        if outcome.status is not TaskCompletionStatus.OK or not outcome.results:
+            raise TaskError("results", f"round {r}: relay {outcome.task_id!r} ended {outcome.status.value}"
+                                       f" ({outcome.reason}) with {len(outcome.results)} result(s)")
+        last = outcome.results[-1]
+        model, _ = _site_update(last.site, last.result, model, "results")
+        ctl.publish({"model": model, "sites": [res.site for res in outcome.results]}, round=r)
+        ctl.checkpoint({"round": r + 1, "model": model})
+    return model
