@@ -13,6 +13,7 @@ exception carries the data a program needs to react (not only a message)::
     │   └── SchemaError             the database schema is older/newer than the code
     ├── TransitionRejected          .machine_id, .state, .trigger, .legal
     │   └── GuardRejected           .guard  (trigger legal, its guard said no)
+    ├── InvalidEventData            .machine_id, .trigger, .path  (data the log cannot hold exactly)
     ├── UnknownMachine              .machine_id
     ├── LogCorrupted                .problems: list[str]  (replay --verify found a lie)
     ├── NondeterminismError         .call, .recorded  (replay diverged from the log)
@@ -42,6 +43,7 @@ __all__ = [
     "ConfigError",
     "EngineError",
     "GuardRejected",
+    "InvalidEventData",
     "HttpError",
     "LeaseHeld",
     "LogCorrupted",
@@ -261,3 +263,19 @@ class TaskError(EngineError):
     def __init__(self, argument: str, message: str) -> None:
         self.argument = argument
         super().__init__(f"{argument}: {message}")
+
+
+class InvalidEventData(EngineError):
+    """An event's data holds a value the log cannot store exactly; nothing was written.
+
+    ``path`` locates the value (``data.metrics.loss``, ``data.items[3]``).
+    """
+
+    def __init__(self, machine_id: str, trigger: str, path: str, what: str) -> None:
+        self.machine_id = machine_id
+        self.trigger = trigger
+        self.path = path
+        super().__init__(
+            f"machine {machine_id!r}, trigger {trigger!r}: {path} is {what}; "
+            "event data must be JSON with finite numbers; nothing was written"
+        )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import engine
 
 EXPECTED = {
-    "AuthError", "TaskError", "ClientDisconnected", "HttpError", "RemoteError", "TransportError",
+    "AuthError", "TaskError", "InvalidEventData", "ClientDisconnected", "HttpError", "RemoteError", "TransportError",
     "Chart", "ChartError", "ChartRegistry", "ChartState", "ChartTransition", "ChartValidationError",
     "Clock", "ConcurrencyConflict", "ConfigError", "Durability", "EngineError", "EventRecorder",
     "GuardRejected", "LeaseHeld", "LogCorrupted", "MachineRow", "MachineState", "ManualClock",

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 from engine.charts.model import Chart
 from engine.errors import GuardRejected, TransitionRejected
 from engine.log.recorder import MachineRow, NewEvent, StoredEvent
+from engine.machines.data import check_event_data
 
 __all__ = ["CREATE_TRIGGER", "Guard", "MachineState", "deadline_for", "plan", "plan_create", "step"]
 
@@ -86,6 +87,8 @@ def plan_create(
 ) -> NewEvent:
     """The first event of a new machine: version 1, into the chart's initial state."""
     dest = chart.initial
+    if data:
+        check_event_data(data, machine_id, CREATE_TRIGGER)
     return NewEvent(
         machine_id=machine_id, kind=chart.name, chart_version=chart.version, version=1,
         trigger=CREATE_TRIGGER, source=None, dest=dest, terminal=chart.states[dest].terminal,
@@ -114,6 +117,8 @@ def plan(
             raise GuardRejected(current.machine_id, current.kind, current.state, trigger,
                                 transition.guard, chart.legal.get(current.state, ()))
     dest = transition.dest
+    if data:
+        check_event_data(data, current.machine_id, trigger)
     # positional: this runs once per transition on the hot path
     return NewEvent(
         current.machine_id, current.kind, chart.version, current.version + 1, trigger,
