@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from engine.errors import ConfigError
@@ -48,10 +48,6 @@ class Settings:
     db: str = DEFAULT_DB
     durability: Durability = Durability.FULL
     auto_upgrade: bool = True
-    #: longest a group commit waits to gather more events once one is queued (µs); 0 = none
-    max_batch_delay_us: int = 0
-    max_batch_events: int = 4096
-    writer_name: str = field(default="")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> Settings:

@@ -65,6 +65,7 @@ logger = logging.getLogger(__name__)
 #: advisory-lock key for the writer lease on PostgreSQL ("fedlog" in ASCII, folded)
 _PG_LEASE_KEY = 0x6665646C6F67
 _LEASE_NAME = "writer"
+_SQLITE_SYNC = {Durability.FULL: "FULL", Durability.NORMAL: "NORMAL", Durability.OFF: "OFF"}
 
 _EVENT_COLUMNS = [c.name for c in events.c if c.name != "seq"]
 _STATE_COLUMNS = [c.name for c in machine_states.c]
@@ -129,7 +130,6 @@ class SqlRecorder(EventRecorder):
         dialect = self.engine.dialect
         self._prepare(dialect)
         self._writer: Any = None
-        self._in_txn = False  # a transaction with written, uncommitted events is open
         try:
             if self._sqlite and lease_holder is not None:
                 self._acquire_lease(lease_holder)  # before touching the file as a writer
@@ -150,7 +150,7 @@ class SqlRecorder(EventRecorder):
     def _make_engine(self) -> Engine:
         if self._sqlite:
             engine = create_engine(self.url, connect_args={"check_same_thread": False})
-            sync = {Durability.FULL: "FULL", Durability.NORMAL: "NORMAL", Durability.OFF: "OFF"}[self.durability]
+            sync = _SQLITE_SYNC[self.durability]
 
             @event.listens_for(engine, "connect")
             def _pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -217,7 +217,7 @@ class SqlRecorder(EventRecorder):
         if self._sqlite:
             path = sqlite_path(self.url)
             conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-            sync = {Durability.FULL: "FULL", Durability.NORMAL: "NORMAL", Durability.OFF: "OFF"}[self.durability]
+            sync = _SQLITE_SYNC[self.durability]
             _sqlite_pragmas(conn, sync)
             return conn
         import psycopg
@@ -271,47 +271,33 @@ class SqlRecorder(EventRecorder):
         if not batch:
             return []
         with self._lock:
-            results = self._write_locked(batch)
-            self._commit_locked()
-            return results
-
-    def _write_locked(self, batch: Sequence[NewEvent]) -> list[AppendResult]:
-        if self._closed:
-            raise StoreError(f"the log at {self.target} is closed")
-        try:
-            cur = self._writer.cursor()
-            if not self._in_txn:
+            if self._closed:
+                raise StoreError(f"the log at {self.target} is closed")
+            try:
+                cur = self._writer.cursor()
                 if self._sqlite:
                     cur.execute("BEGIN IMMEDIATE")
-                self._in_txn = True
-            # a savepoint lets a batch that lost a race be undone and redone event by
-            # event inside the same transaction
-            cur.execute("SAVEPOINT fedlog_batch")
-            seqs = self._append_fast(cur, batch)
-            if seqs is not None:
-                cur.execute("RELEASE SAVEPOINT fedlog_batch")
-                return [AppendResult(s) for s in seqs]
-            cur.execute("ROLLBACK TO SAVEPOINT fedlog_batch")
-            results = self._append_slow(cur, batch)
-            cur.execute("RELEASE SAVEPOINT fedlog_batch")
-            return results
-        except Exception as exc:
-            self._rollback()
-            self._in_txn = False
-            if isinstance(exc, StoreError):
-                raise
-            raise StoreError(f"append to {self.target} failed: {exc}") from exc
+                results = self._write(cur, batch)
+                self._commit()
+                return results
+            except Exception as exc:
+                self._rollback()
+                if isinstance(exc, StoreError):
+                    raise
+                raise StoreError(f"append to {self.target} failed: {exc}") from exc
 
-    def _commit_locked(self) -> None:
-        if not self._in_txn:
-            return
-        try:
-            self._commit()
-        except Exception as exc:
-            self._rollback()
-            raise StoreError(f"commit to {self.target} failed: {exc}") from exc
-        finally:
-            self._in_txn = False
+    def _write(self, cur: Any, batch: Sequence[NewEvent]) -> list[AppendResult]:
+        # a savepoint lets a batch that lost a race be undone and redone event by
+        # event inside the same transaction, so only the losers fail
+        cur.execute("SAVEPOINT fedlog_batch")
+        seqs = self._append_fast(cur, batch)
+        if seqs is not None:
+            cur.execute("RELEASE SAVEPOINT fedlog_batch")
+            return [AppendResult(s) for s in seqs]
+        cur.execute("ROLLBACK TO SAVEPOINT fedlog_batch")
+        results = self._append_slow(cur, batch)
+        cur.execute("RELEASE SAVEPOINT fedlog_batch")
+        return results
 
     def _commit(self) -> None:
         if self._sqlite:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Sequence
 from typing import Any
 
 from engine.errors import StoreError
@@ -99,17 +98,6 @@ class GroupCommitter:
         with self._lock:
             self._flush_scheduled.discard(loop)
             self._cond.notify()
-
-    def append_many(self, events: Sequence[NewEvent]) -> list[AppendResult]:
-        """Queue several events (e.g. one per machine) and wait for all of them."""
-        slots = [self._enqueue(e) for e in events]
-        out = []
-        for batch, index in slots:
-            batch.done.wait()
-            if batch.error is not None:
-                raise batch.error
-            out.append(batch.results[index])
-        return out
 
     def _run(self) -> None:
         while True:
