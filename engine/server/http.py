@@ -246,6 +246,8 @@ class App:
         self._on_shutdown = list(on_shutdown)
         #: validate JSON responses against the route's schema (tests): a mismatch is a 500
         self.check_responses = check_responses
+        #: what the handlers serve (the fedlog server object); set by whoever builds the app
+        self.state: Any = None
         if any(r.roles is not None for r in router.routes) and authenticator is None:
             raise ConfigError("some routes need a credential but the app was given no authenticator")
 

@@ -139,11 +139,26 @@ class TaskCore:
         self._keep_finished = keep_finished
         self._counters: dict[str | None, int] = {}
         self._site_listeners: list[Callable[[str, str], None]] = []
+        self._work = asyncio.Event()
         for state in _TERMINAL_TASK_STATES:
             runtime.on_enter("task", state, self._task_effect)
         runtime.on_enter("client_task", "timed_out", self._share_effect)
         for state in ("missing", "dead"):  # the timer's moves; every other site move is ours
             runtime.on_enter("site", state, self._site_effect)
+
+    # -- waking polling sites -----------------------------------------------------------
+
+    def work_signal(self) -> asyncio.Event:
+        """An event set at the next change that may give some site work (a schedule, a hop, a slot).
+
+        A long poll takes the signal *before* asking for work and waits on it when it got
+        none, so a change between the two is never missed.
+        """
+        return self._work
+
+    def _work_changed(self) -> None:
+        signal, self._work = self._work, asyncio.Event()
+        signal.set()
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -205,7 +220,7 @@ class TaskCore:
         if state is None:
             return None
         return TaskAssignment(rec.task_id, share.ct_id, rec.name, share.site, data, dict(rec.props), resend,
-                              share.send_count, share.hop)
+                              share.send_count, share.hop, rec.job_id)
 
     def _view(self, live: LiveTask, share: ClientTaskRecord, data: Any, result: Any = None,
               next_data: Any = None) -> ClientTaskView:
@@ -320,6 +335,7 @@ class TaskCore:
                 raise
             return  # a timer ended the task first; the caller's next look sees it
         rec.apply(trigger, data, now, state.state, state.deadline_us)
+        self._work_changed()
 
     async def _fire_share(self, rec: TaskRecord, share: ClientTaskRecord, trigger: str,
                           data: dict[str, Any] | None) -> MachineState | None:
@@ -358,6 +374,7 @@ class TaskCore:
             rec.add(share)
 
         await asyncio.gather(*(create(*s) for s in shares))
+        self._work_changed()
 
     async def _fail(self, live: LiveTask, reason: str) -> None:
         async with live.lock:

@@ -137,6 +137,7 @@ class TaskManager(TaskCore):
         async with live.lock:
             if not await self._evaluate_locked(live):
                 self._standing.append(live)
+        self._work_changed()
         await self._deliver(live)
         return tid
 
@@ -251,6 +252,16 @@ class TaskManager(TaskCore):
     def get_num_standing_tasks(self, job_id: str | None = None) -> int:
         """How many tasks stand (of ``job_id``, if given)."""
         return sum(1 for live in self._standing if job_id is None or live.rec.job_id == job_id)
+
+    def task_progress(self, task_id: str) -> dict[str, Any] | None:
+        """A cached task's id, name, state, results received and targets (None if not cached)."""
+        live = self._tasks.get(task_id)
+        if live is None:
+            return None
+        rec = live.rec
+        received = sum(1 for share in rec.shares() if share.state == "result_received")
+        return {"task_id": rec.task_id, "name": rec.name, "state": rec.state, "results": received,
+                "targets": list(rec.targets)}
 
     def standing_task_ids(self) -> list[str]:
         """Ids of the standing tasks, in schedule order."""
@@ -392,6 +403,7 @@ class TaskManager(TaskCore):
                 closed += await self._close_orphan(row.machine_id, row.site)
         for live in list(self._standing):
             await self._evaluate(live)
+        self._work_changed()
         return TaskRecovery(len(self._standing), len(self._unscheduled), closed, len(self.sites.states))
 
     def start(self) -> None:

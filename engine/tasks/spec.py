@@ -219,6 +219,8 @@ class TaskAssignment:
     resend: bool
     send_count: int
     hop: int | None = None
+    #: the job the task belongs to (None for tasks scheduled without one)
+    job_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,101 @@
+"""Typed calls to a fedlog server: ``SiteApi`` for a site's routes, ``AdminApi`` for jobs.
+
+Both are thin: one method per route, over any ``Transport`` (``HttpTransport`` for
+real sockets, ``AsgiTransport`` to run the same client against the app in-process).
+Errors are the transport's: ``TransportError`` when no answer came, ``RemoteError`` /
+``AuthError`` when the server said no.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from engine.client.transport import HttpTransport, Transport
+from engine.provision import load_identity
+
+__all__ = ["AdminApi", "SiteApi", "transport_for"]
+
+
+def transport_for(identity_dir: str | Path, server_url: str | None = None, *, timeout: float = 60.0
+                  ) -> tuple[HttpTransport, str]:
+    """An HTTP transport for a provisioned identity folder, and the identity's name."""
+    ident = load_identity(identity_dir)
+    url = server_url or ident.server_url
+    return HttpTransport(url, ident.token, tls_ca=ident.ca_cert if url.startswith("https") else None,
+                         timeout=timeout), ident.name
+
+
+def _seg(value: str) -> str:
+    return quote(value, safe="")
+
+
+class SiteApi:
+    """The routes a site calls, as the site ``site``."""
+
+    def __init__(self, transport: Transport, site: str) -> None:
+        self.transport = transport
+        self.site = site
+        self._base = f"/v1/sites/{_seg(site)}"
+
+    def poll(self, wait: float) -> dict[str, Any]:
+        """Wait up to ``wait`` seconds for the next assignment: ``{"assignment", "job", "site_state"}``."""
+        resp = self.transport.request("POST", self._base + "/poll", query={"wait": wait}, timeout=wait + 30)
+        answer: dict[str, Any] = resp.json()
+        return answer
+
+    def submit(self, task_id: str, client_task_id: str, result: Any) -> dict[str, Any]:
+        """Submit a result (idempotent: the assignment id is the key): ``{"outcome", "counted"}``."""
+        resp = self.transport.request("POST", f"{self._base}/assignments/{_seg(client_task_id)}/result",
+                                      json={"task_id": task_id, "result": result})
+        answer: dict[str, Any] = resp.json()
+        return answer
+
+    def check(self, client_task_id: str) -> dict[str, Any]:
+        """Where an assignment stands (``active`` says whether to keep working on it)."""
+        answer: dict[str, Any] = self.transport.request(
+            "GET", f"{self._base}/assignments/{_seg(client_task_id)}").json()
+        return answer
+
+    def heartbeat(self) -> str:
+        """An explicit heartbeat; returns the site's liveness state."""
+        return str(self.transport.request("POST", self._base + "/heartbeat").json()["site_state"])
+
+
+class AdminApi:
+    """The admin's routes: jobs and sites."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def submit_job(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Submit a job spec; returns the job as stored (``job_id``, ``state``...)."""
+        answer: dict[str, Any] = self.transport.request("POST", "/v1/jobs", json=spec).json()
+        return answer
+
+    def list_jobs(self) -> list[dict[str, Any]]:
+        """Every job, oldest first."""
+        jobs: list[dict[str, Any]] = self.transport.request("GET", "/v1/jobs").json()["jobs"]
+        return jobs
+
+    def show_job(self, job_id: str) -> dict[str, Any]:
+        """One job and its progress."""
+        answer: dict[str, Any] = self.transport.request("GET", f"/v1/jobs/{_seg(job_id)}").json()
+        return answer
+
+    def job_result(self, job_id: str) -> dict[str, Any]:
+        """A job's result (``result`` is null until it finished)."""
+        answer: dict[str, Any] = self.transport.request("GET", f"/v1/jobs/{_seg(job_id)}/result").json()
+        return answer
+
+    def abort_job(self, job_id: str, reason: str | None = None) -> dict[str, Any]:
+        """Abort a job that has not ended."""
+        body = {"reason": reason} if reason else {}
+        answer: dict[str, Any] = self.transport.request("POST", f"/v1/jobs/{_seg(job_id)}/abort", json=body).json()
+        return answer
+
+    def sites(self) -> list[dict[str, Any]]:
+        """The provisioned sites and their liveness."""
+        sites: list[dict[str, Any]] = self.transport.request("GET", "/v1/sites").json()["sites"]
+        return sites
