@@ -17,7 +17,7 @@ from engine.errors import EngineError
 
 __all__ = ["main"]
 
-COMMANDS = ("db", "charts", "replay", "sql", "demo", "provision")
+COMMANDS = ("db", "charts", "replay", "sql", "demo", "provision", "server", "client", "job", "simulate")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -95,6 +95,11 @@ class AdminApi:
         answer: dict[str, Any] = self.transport.request("POST", f"/v1/jobs/{_seg(job_id)}/abort", json=body).json()
         return answer
 
+    def stats(self) -> dict[str, Any]:
+        """Traffic and boot figures of the server process."""
+        answer: dict[str, Any] = self.transport.request("GET", "/v1/stats").json()
+        return answer
+
     def sites(self) -> list[dict[str, Any]]:
         """The provisioned sites and their liveness."""
         sites: list[dict[str, Any]] = self.transport.request("GET", "/v1/sites").json()["sites"]

@@ -248,6 +248,8 @@ class App:
         self.check_responses = check_responses
         #: what the handlers serve (the fedlog server object); set by whoever builds the app
         self.state: Any = None
+        #: requests answered and body bytes read and written since the app started
+        self.traffic: dict[str, int] = {"requests": 0, "bytes_in": 0, "bytes_out": 0}
         if any(r.roles is not None for r in router.routes) and authenticator is None:
             raise ConfigError("some routes need a credential but the app was given no authenticator")
 
@@ -292,6 +294,12 @@ class App:
             logger.debug("client went away during %s %s", scope["method"], scope["path"])
             return
         await _send_response(send, response)
+        traffic = self.traffic
+        traffic["requests"] += 1
+        traffic["bytes_out"] += len(response.body)
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit():
+                traffic["bytes_in"] += int(value)
 
     async def _dispatch(self, scope: Scope, receive: Receive) -> Response:
         method, path = scope["method"], scope["path"]

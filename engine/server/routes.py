@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import os
 from typing import TYPE_CHECKING, Any
 
+from engine import faults
 from engine.errors import TaskError, UnknownMachine
 from engine.server.auth import ADMIN_ONLY, ANY_ROLE
 from engine.server.http import HttpError, Request, Response, json_response
@@ -106,7 +109,14 @@ async def poll(request: Request) -> Response:
             break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(signal.wait(), left)
-    job = server.job_context(assignment.job_id) if assignment is not None and assignment.job_id else None
+    job = None
+    if assignment is not None and assignment.job_id:
+        job = server.job_context(assignment.job_id)
+        progress = manager.task_progress(assignment.task_id)
+        if job is not None and progress is not None:
+            job = {**job, "sites": sorted(progress["targets"])}  # the sites this task went to
+    if assignment is not None and faults.armed():
+        faults.maybe_crash(server.round_of(assignment.job_id, assignment.data), "dispatch")
     return json_response({"assignment": None if assignment is None else _assignment(assignment), "job": job,
                           "site_state": manager.site_state(site) or "unknown"})
 
@@ -121,6 +131,8 @@ async def submit(request: Request) -> Response:
             site, body["task_id"], request.path_params["client_task_id"], body["result"])
     except TaskError as exc:
         raise HttpError(422, "invalid_result", str(exc), details={"argument": exc.argument}) from None
+    if faults.armed() and outcome.value == "accepted":
+        faults.maybe_crash(_server(request).round_of(body["task_id"].rsplit(".", 1)[0], None), "result")
     return json_response({"outcome": outcome.value, "counted": outcome.value in ("accepted", "duplicate")})
 
 
@@ -199,6 +211,13 @@ async def list_sites(request: Request) -> Response:
                                      for s in server.jobs.sites]})
 
 
+async def server_stats(request: Request) -> Response:
+    """Traffic since this server process started and what its boot recovered."""
+    server = _server(request)
+    return json_response({"traffic": dict(request.app.traffic), "boot": dataclasses.asdict(server.boot),
+                          "pid": os.getpid()})
+
+
 def federation_router() -> Router:
     """The site and admin routes of a fedlog server."""
     site_path = "/v1/sites/{site}"
@@ -215,6 +234,9 @@ def federation_router() -> Router:
               response_schema=CHECK_RESPONSE, tags=("sites",), errors=(404,)),
         Route("POST", site_path + "/heartbeat", heartbeat, "An explicit heartbeat", roles=ANY_ROLE,
               response_schema=HEARTBEAT_RESPONSE, tags=("sites",)),
+        Route("GET", "/v1/stats", server_stats, "Traffic and boot figures of this server process",
+              roles=ADMIN_ONLY, response_schema={"type": "object", "required": ["traffic", "boot", "pid"]},
+              tags=("admin",)),
         Route("GET", "/v1/sites", list_sites, "The sites and their liveness", roles=ADMIN_ONLY,
               response_schema=SITES_SCHEMA, tags=("admin",)),
         Route("POST", "/v1/jobs", submit_job, "Submit a job", roles=ADMIN_ONLY, body="json",

@@ -215,8 +215,8 @@ class ServerProcess:
     """``python -m engine.server.serve ...`` as a child process."""
 
     def __init__(self, args: Sequence[str], *, env: Mapping[str, str] | None = None,
-                 cwd: Path | str | None = None) -> None:
-        self.argv = [sys.executable, "-m", "engine.server.serve", *args]
+                 cwd: Path | str | None = None, module: str = "engine.server.serve") -> None:
+        self.argv = [sys.executable, "-m", module, *args]
         self._env = dict(env) if env is not None else None
         self._cwd = cwd
         self._stderr: IO[bytes] | None = None

@@ -156,6 +156,17 @@ class FedServer:
             self._contexts[job_id] = context
         return context
 
+    def round_of(self, job_id: str | None, data: Any) -> int | None:
+        """The round a task belongs to: its data's ``round`` if it has one, else the rounds published so far."""
+        if isinstance(data, dict) and isinstance(data.get("round"), int):
+            return int(data["round"])
+        if not job_id:
+            return None
+        try:
+            return self.jobs.show(job_id).rounds
+        except Exception:  # noqa: BLE001 - not a job's task
+            return None
+
     def _audit(self, event: AuditEvent) -> None:
         """Record a refused request in the audit trail (never a state change of anything else)."""
         loop = self._loop

@@ -43,6 +43,7 @@ from collections.abc import Coroutine, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from engine import faults
 from engine.errors import EngineError, NondeterminismError, TaskError
 from engine.log.recorder import EventRecorder
 from engine.tasks import Task, TaskCompletionStatus, TaskManager, TaskOutcome
@@ -305,6 +306,8 @@ class Controller:
     def publish(self, value: Any, *, round: int | None = None) -> None:
         """Record a small JSON result (of ``round``) in the log; replay checks it is the same."""
         value = as_json(value, "value")
+        if faults.armed() and not self.replaying:
+            faults.maybe_crash(round, "aggregate")
         self._record("publish", f"publish({_short(value)}, round={round})", value, round=round)
 
     def checkpoint(self, state: Any) -> None:

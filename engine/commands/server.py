@@ -1,0 +1,77 @@
+"""``fedlog server``: serve the federation's jobs over HTTP, recovering from the log at start.
+
+The log is the embedded default (``fedlog-server.db`` in the working directory) or
+``--db URL`` (PostgreSQL). A second server on the same log is refused; one that was
+killed is waited for (``--lease-wait``) because its lease ends with its process. The
+first line on stdout is JSON (``{"event": "listening", "url", "port", "pid", "boot"}``)
+so that scripts and simulations know where and when it is ready.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+import orjson
+
+from engine.errors import LeaseHeld
+from engine.server.http import Limits
+from engine.server.serve import add_arguments, options_from_args, serve_forever
+from engine.server.service import FedServer, ServerSettings
+
+__all__ = ["cmd_server", "register"]
+
+DEFAULT_DB = "fedlog-server.db"
+
+
+def register(sub: Any) -> None:
+    """Add the ``server`` command."""
+    parser = sub.add_parser("server", help="run the federation server (jobs, tasks, crash recovery)",
+                            description="Serve jobs to the provisioned sites. Stop with Ctrl-C / SIGTERM; "
+                                        "a killed server resumes its job from the log when started again.")
+    add_arguments(parser)
+    parser.add_argument("--db", default=DEFAULT_DB,
+                        help=f"event log: SQLite path or postgresql:// URL (default {DEFAULT_DB})")
+    parser.add_argument("--heartbeat-timeout", type=float, default=60.0,
+                        help="seconds without contact before a site is missing (default 60)")
+    parser.add_argument("--dead-grace", type=float, default=60.0,
+                        help="seconds a missing site has before it is dead (default 60)")
+    parser.add_argument("--client-dead-grace", type=float, default=30.0,
+                        help="seconds after scheduling before a task whose targets are all dead ends "
+                             "CLIENT_DEAD (default 30)")
+    parser.add_argument("--lease-wait", type=float, default=15.0,
+                        help="seconds to wait for a previous server's writer lease (default 15)")
+    parser.set_defaults(func=cmd_server)
+
+
+def _open(args: argparse.Namespace, settings: ServerSettings) -> FedServer:
+    deadline = time.monotonic() + args.lease_wait
+    while True:
+        try:
+            return FedServer(args.db, args.credentials, settings=settings)
+        except LeaseHeld:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    """Open the log, recover, and serve until SIGINT/SIGTERM."""
+    limits = Limits(max_json_bytes=args.max_json_bytes, max_octet_bytes=args.max_octet_bytes)
+    settings = ServerSettings(heartbeat_timeout=args.heartbeat_timeout, dead_grace=args.dead_grace,
+                              client_dead_grace=args.client_dead_grace, limits=limits)
+    options = options_from_args(args)
+    server = _open(args, settings)
+
+    def ready(url: str) -> None:
+        line = {"event": "listening", "url": url, "port": int(url.rsplit(":", 1)[1]), "pid": os.getpid(),
+                "boot": asdict(server.boot)}
+        sys.stdout.write(orjson.dumps(line).decode() + "\n")
+        sys.stdout.flush()
+
+    serve_forever(server.app, options, ready)
+    return 0

@@ -1,0 +1,48 @@
+"""Ready-made job specs, by name (``fedlog simulate fedstats``, ``fedlog job submit linreg``)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import orjson
+import yaml
+
+from engine.errors import ConfigError
+from engine.jobs.linreg import initial_model
+
+__all__ = ["CATALOG", "load_spec"]
+
+CATALOG: dict[str, dict[str, Any]] = {
+    "fedstats": {
+        "name": "federated statistics (wine)",
+        "workflow": "fedstats",
+        "executor": "engine.jobs.fedstats:site_stats",
+        "args": {"dataset": "wine", "bins": 10},
+    },
+    "linreg": {
+        "name": "FedAvg linear regression (diabetes)",
+        "workflow": "fedavg",
+        "executor": "engine.jobs.linreg:train",
+        "args": {"model": initial_model(), "rounds": 5},
+    },
+}
+
+
+def load_spec(ref: str) -> dict[str, Any]:
+    """A job spec: a catalog name, or a JSON/YAML file holding one."""
+    if ref in CATALOG:
+        return copy.deepcopy(CATALOG[ref])
+    path = Path(ref)
+    if not path.is_file():
+        raise ConfigError(f"job {ref!r} is neither a built-in job ({', '.join(sorted(CATALOG))}) nor a file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        spec = orjson.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (orjson.JSONDecodeError, yaml.YAMLError) as exc:
+        kind = "JSON" if path.suffix == ".json" else "YAML"
+        raise ConfigError(f"job file {path}: not valid {kind}: {exc}") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"job file {path}: must hold a mapping (the job spec), got {type(spec).__name__}")
+    return spec

@@ -1,0 +1,357 @@
+"""``fedlog simulate``: a server and N client sites as real processes on loopback, with kills.
+
+The simulation provisions a federation in its work folder, starts ``fedlog server``
+on the embedded default (or ``--db URL``) and one ``fedlog client`` per site, each with
+its own local log, submits the job and watches it to the end. Kills are real SIGKILLs:
+
+- ``kill_server_at``: ``ROUND.PHASE`` crash points (``engine.faults``): the server kills
+  itself exactly there (a result recorded but not yet answered, an aggregation not yet
+  recorded, ...); one point per server incarnation, in order;
+- ``kill_server_after``: SIGKILL the server that many seconds after the job was submitted;
+- ``kill_server_random`` / ``kill_client_random``: each seed picks several instants
+  (and, for clients, which site) from its own random stream, so a run is repeatable.
+
+A killed server is started again at once on the same port and log; a killed client
+too. The summary reports the job's status, rounds, wall time, traffic, each site's
+counts, every kill, and ``result_hash`` — equal across runs that computed the same
+result, which is how a crashed run is compared with an uncrashed one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from engine.client.api import AdminApi
+from engine.client.transport import HttpTransport
+from engine.errors import ConfigError, EngineError, RemoteError, TransportError
+from engine.faults import CRASH_ENV, PHASES, crash_points
+from engine.log.sql import open_recorder
+from engine.provision import SERVER_DIR, load_identity, provision
+from engine.server.serve import ServerProcess
+
+__all__ = ["SimOptions", "Simulation", "simulate"]
+
+_TERMINAL = ("finished", "failed", "aborted")
+#: kills each random seed picks
+KILLS_PER_SEED = 3
+
+
+@dataclass
+class SimOptions:
+    """What to simulate and how to disturb it."""
+
+    spec: dict[str, Any]
+    clients: int = 2
+    workdir: Path | None = None
+    #: the server's log: None = SQLite in the work folder; else a URL
+    db: str | None = None
+    kill_server_at: list[str] = field(default_factory=list)
+    kill_server_after: list[float] = field(default_factory=list)
+    kill_server_random: list[int] = field(default_factory=list)
+    kill_client_random: list[int] = field(default_factory=list)
+    #: a locally defined executor shipped to the client processes with cloudpickle
+    executor: Callable[..., Any] | None = None
+    timeout: float = 600.0
+    keep: bool = False
+    progress: IO[str] | None = None
+
+
+@dataclass
+class _Kill:
+    at_s: float
+    target: str
+    how: str
+    done: bool = False
+
+
+def _point_key(point: str) -> tuple[int, int]:
+    round_text, phase = point.split(".")
+    return int(round_text), PHASES.index(phase)
+
+
+class Simulation:
+    """One simulated run; ``run()`` returns the summary dict."""
+
+    def __init__(self, options: SimOptions) -> None:
+        if options.clients < 1:
+            raise ConfigError(f"--clients must be >= 1, got {options.clients}")
+        self.o = options
+        # wait for every simulated site unless the job says otherwise
+        options.spec = {**options.spec, "min_sites": options.spec.get("min_sites", options.clients)}
+        try:
+            self.points = sorted(crash_points(",".join(options.kill_server_at)), key=_point_key)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        self.own_workdir = options.workdir is None
+        self.workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedlog-sim-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.sites = [f"site-{i}" for i in range(1, options.clients + 1)]
+        self.server: ServerProcess | None = None
+        self.port = 0
+        self.url = ""
+        self.clients: dict[str, subprocess.Popen[bytes]] = {}
+        self.client_restarts = dict.fromkeys(self.sites, 0)
+        self.client_stats: dict[str, dict[str, Any]] = {}
+        self.kills: list[_Kill] = []
+        self.server_starts = 0
+        self.traffic: dict[int, dict[str, int]] = {}
+        self.recovery: list[dict[str, Any]] = []
+        self._env = {**os.environ}
+        self._env.pop(CRASH_ENV, None)
+
+    # -- processes --------------------------------------------------------------------------
+
+    def _say(self, text: str) -> None:
+        if self.o.progress is not None:
+            print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", file=self.o.progress, flush=True)
+
+    def _start_server(self) -> None:
+        fed = self.workdir / "fed"
+        db = self.o.db or str(self.workdir / "server.db")
+        args = ["server", "--credentials", str(fed / SERVER_DIR), "--db", db, "--host", "127.0.0.1",
+                "--port", str(self.port), "--no-tls", "--heartbeat-timeout", "30", "--dead-grace", "30"]
+        env = dict(self._env)
+        if self.points:
+            env[CRASH_ENV] = self.points[0]
+        self.server = ServerProcess(args, env=env, module="engine.cli").start(timeout=60)
+        self.port, self.url = self.server.port, self.server.url
+        self.server_starts += 1
+
+    def _start_client(self, site: str) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(exist_ok=True)
+        argv = [sys.executable, "-m", "engine.cli", "client", "--identity", str(self.workdir / "fed" / site),
+                "--server", self.url, "--log", str(self.workdir / f"{site}.db"), "--poll-wait", "5",
+                "--backoff-cap", "0.5"]
+        if self.o.executor is not None:
+            argv += ["--executor-pickle", str(self.workdir / "executor.pkl")]
+        out = open(logs / f"{site}.out", "ab")  # noqa: SIM115 - lives as long as the child
+        err = open(logs / f"{site}.err", "ab")  # noqa: SIM115
+        self.clients[site] = subprocess.Popen(argv, stdout=out, stderr=err, env=self._env)
+        out.close()
+        err.close()
+
+    def _kill_server(self, how: str) -> None:
+        assert self.server is not None
+        self.server.kill()
+        self._say(f"server SIGKILLed ({how}); restarting")
+        self._start_server()
+
+    def _kill_client(self, site: str) -> None:
+        proc = self.clients[site]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        self.client_restarts[site] += 1
+        self._say(f"{site} SIGKILLed; restarting")
+        self._start_client(site)
+
+    # -- plan -------------------------------------------------------------------------------
+
+    def _plan(self) -> None:
+        for s in self.o.kill_server_after:
+            self.kills.append(_Kill(float(s), "server", f"after {s:g} s"))
+        for seed in self.o.kill_server_random:
+            rng, at = random.Random(f"server:{seed}"), 0.0
+            for _ in range(KILLS_PER_SEED):
+                at += rng.uniform(0.3, 1.5)
+                self.kills.append(_Kill(at, "server", f"random (seed {seed}) at {at:.2f} s"))
+        for seed in self.o.kill_client_random:
+            rng, at = random.Random(f"client:{seed}"), 0.0
+            for _ in range(KILLS_PER_SEED):
+                at += rng.uniform(0.2, 1.5)
+                site = self.sites[rng.randrange(len(self.sites))]
+                self.kills.append(_Kill(at, site, f"random (seed {seed}) at {at:.2f} s"))
+        self.kills.sort(key=lambda k: k.at_s)
+
+    # -- run --------------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        """Run the job to its end (or the timeout) and return the summary."""
+        self.t0 = time.monotonic()
+        provision(self.workdir / "fed", self.sites)
+        if self.o.executor is not None:
+            import cloudpickle
+
+            (self.workdir / "executor.pkl").write_bytes(cloudpickle.dumps(self.o.executor))
+        self._plan()
+        try:
+            self._start_server()
+            self._say(f"server listening at {self.url}; starting {len(self.sites)} client(s)")
+            for site in self.sites:
+                self._start_client(site)
+            admin = AdminApi(HttpTransport(self.url, load_identity(self.workdir / "fed" / "admin").token,
+                                           timeout=30))
+            job = self._retry(lambda: admin.submit_job(self.o.spec))
+            self._say(f"submitted {job['job_id']} ({job['name']})")
+            started = time.monotonic()
+            final = self._watch(admin, job["job_id"], started)
+            wall = time.monotonic() - started
+            result = self._retry(lambda: admin.job_result(job["job_id"]))
+            sites = {s["site"]: s["state"] for s in self._retry(admin.sites)}
+            self._note_traffic(admin)
+            admin.transport.close()
+        finally:
+            self._stop_all()
+        return self._summary(final, wall, result, sites)
+
+    def _retry(self, fn: Callable[[], Any], attempts: int = 600) -> Any:
+        for _ in range(attempts):
+            try:
+                return fn()
+            except TransportError:
+                self._restart_if_dead()
+                time.sleep(0.05)
+        raise EngineError("the server stayed unreachable")
+
+    def _restart_if_dead(self) -> None:
+        if self.server is not None and self.server.process is not None and self.server.process.poll() is not None:
+            point = self.points.pop(0) if self.points else None
+            how = f"crash point {point}" if point else f"exited with {self.server.process.returncode}"
+            self.kills.append(_Kill(time.monotonic() - self.t0, "server", how, done=True))
+            self._say(f"server died ({how}); restarting")
+            self.server.kill()
+            self._start_server()
+
+    def _note_traffic(self, admin: AdminApi) -> None:
+        try:
+            stats = admin.stats()
+        except (TransportError, RemoteError):
+            return
+        self.traffic[int(stats["pid"])] = stats["traffic"]
+        boot = stats["boot"]
+        if boot not in self.recovery:
+            self.recovery.append(boot)
+
+    def _watch(self, admin: AdminApi, job_id: str, started: float) -> dict[str, Any]:
+        last = ""
+        while True:
+            if time.monotonic() - started > self.o.timeout:
+                raise EngineError(f"job {job_id} did not end within {self.o.timeout:g} s")
+            elapsed = time.monotonic() - started
+            for kill in self.kills:
+                if not kill.done and kill.at_s <= elapsed:
+                    kill.done = True
+                    self._note_traffic(admin)
+                    if kill.target == "server":
+                        self._kill_server(kill.how)
+                    else:
+                        self._kill_client(kill.target)
+            self._restart_if_dead()
+            for site, proc in self.clients.items():
+                if proc.poll() is not None:
+                    self._say(f"{site} exited with {proc.returncode}; restarting")
+                    self._start_client(site)
+            try:
+                job = admin.show_job(job_id)
+                self._note_traffic(admin)
+            except TransportError:
+                time.sleep(0.05)
+                continue
+            task = job.get("current_task")
+            text = f"{job['state']} round {job['rounds']}" + (
+                f", {task['name']} {task['results']}/{len(task['targets'])} results" if task else "")
+            if text != last:
+                self._say(f"{job_id}: {text}")
+                last = text
+            if job["state"] in _TERMINAL:
+                return job
+            time.sleep(0.05)
+
+    def _stop_all(self) -> None:
+        for proc in self.clients.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for site, proc in self.clients.items():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            self.client_stats[site] = self._client_counts(site)
+        if self.server is not None:
+            self.server.stop()
+
+    def _client_counts(self, site: str) -> dict[str, Any]:
+        """The site's counts, from its local log (which survives its kills) and its stop lines."""
+        counts: dict[str, Any] = {"executed": 0, "submitted": 0, "dropped": 0, "failed": 0, "resubmitted": 0}
+        by_trigger = {"compute": "executed", "acknowledge": "submitted", "drop": "dropped", "fail": "failed"}
+        db = self.workdir / f"{site}.db"
+        if db.exists():
+            with open_recorder(db) as log:
+                for event in log.read():
+                    if event.trigger in by_trigger:
+                        counts[by_trigger[event.trigger]] += 1
+        path = self.workdir / "logs" / f"{site}.out"
+        for line in path.read_bytes().splitlines() if path.exists() else []:
+            try:
+                entry = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            counts["resubmitted"] += int(entry.get("resubmitted", 0))
+        return counts
+
+    def _summary(self, job: dict[str, Any], wall: float, result: dict[str, Any],
+                 sites: dict[str, str]) -> dict[str, Any]:
+        bytes_in = sum(t["bytes_in"] for t in self.traffic.values())
+        bytes_out = sum(t["bytes_out"] for t in self.traffic.values())
+        summary = {
+            "job_id": job["job_id"], "name": job["name"], "status": job["state"], "reason": job.get("reason"),
+            "rounds": job["rounds"], "wall_s": round(wall, 3), "result_hash": job.get("result_hash"),
+            "result": result.get("result"),
+            "bytes": {"to_server": bytes_in, "from_server": bytes_out},
+            "server_starts": self.server_starts,
+            "boots": [{k: b[k] for k in ("boot_s", "events", "standing_tasks", "resumed_job")}
+                      for b in self.recovery],
+            "kills": [{"target": k.target, "how": k.how, "at_s": round(k.at_s, 3)} for k in self.kills if k.done],
+            "kills_not_reached": [{"target": k.target, "how": k.how} for k in self.kills if not k.done]
+            + [{"target": "server", "how": f"crash point {p}"} for p in self.points],
+            "sites": {site: {"state": sites.get(site, "unknown"), "restarts": self.client_restarts[site],
+                             **{k: self.client_stats.get(site, {}).get(k, 0)
+                                for k in ("executed", "submitted", "resubmitted", "dropped", "failed")}}
+                      for site in self.sites},
+            "workdir": str(self.workdir) if (self.o.keep or not self.own_workdir) else None,
+        }
+        if self.own_workdir and not self.o.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+        return summary
+
+
+def simulate(options: SimOptions) -> dict[str, Any]:
+    """Run one simulation and return its summary."""
+    return Simulation(options).run()
+
+
+def format_summary(s: dict[str, Any]) -> str:
+    """The summary for people."""
+    lines = [f"job {s['job_id']} ({s['name']}): {s['status']} after {s['rounds']} round(s) in {s['wall_s']:.2f} s"
+             + (f" — {s['reason']}" if s.get("reason") else ""),
+             f"result hash: {s['result_hash']}",
+             f"traffic: {s['bytes']['to_server']} bytes to the server, {s['bytes']['from_server']} bytes back"]
+    if s["kills"]:
+        lines.append(f"kills: {len(s['kills'])} ({'; '.join(k['target'] + ' ' + k['how'] for k in s['kills'])});"
+                     f" server started {s['server_starts']} time(s)")
+        for boot in s["boots"][1:]:
+            lines.append(f"  recovery: {boot['boot_s'] * 1000:.0f} ms over {boot['events']} events, "
+                         f"{boot['standing_tasks']} standing task(s), resumed {boot['resumed_job']}")
+    if s["kills_not_reached"]:
+        lines.append(f"not reached before the job ended: {len(s['kills_not_reached'])} kill(s)")
+    for site, st in s["sites"].items():
+        lines.append(f"  {site}: {st['state']}, executed {st['executed']}, submitted {st['submitted']}, "
+                     f"re-submitted {st['resubmitted']}, restarts {st['restarts']}")
+    if s.get("workdir"):
+        lines.append(f"work folder (logs of server and sites): {s['workdir']}")
+    return "\n".join(lines)
