@@ -13,7 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -75,7 +75,8 @@ class AuditEvent:
     client: str | None
 
 
-AuditHook = Callable[[AuditEvent], None]
+#: called for each refusal; may return an awaitable that the refusal's answer waits for (a durable record)
+AuditHook = Callable[[AuditEvent], Awaitable[None] | None]
 
 
 class Authenticator(Protocol):

@@ -21,6 +21,7 @@ uvicorn's business, and a response is always complete and length-delimited.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -250,6 +251,7 @@ class App:
         self.state: Any = None
         #: requests answered and body bytes read and written since the app started
         self.traffic: dict[str, int] = {"requests": 0, "bytes_in": 0, "bytes_out": 0}
+        self._audits: list[Awaitable[None]] = []
         if any(r.roles is not None for r in router.routes) and authenticator is None:
             raise ConfigError("some routes need a credential but the app was given no authenticator")
 
@@ -259,9 +261,12 @@ class App:
         if self._audit is None:
             return
         try:
-            self._audit(event)
+            pending = self._audit(event)
         except Exception:
             logger.exception("the audit hook failed on %s", event)
+            return
+        if pending is not None:
+            self._audits.append(pending)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -293,6 +298,11 @@ class App:
         except ClientDisconnected:
             logger.debug("client went away during %s %s", scope["method"], scope["path"])
             return
+        if self._audits:  # a refusal is answered once its audit record is durable
+            pending, self._audits = self._audits, []
+            for outcome in await asyncio.gather(*pending, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    logger.error("recording an audit event failed: %r", outcome)
         await _send_response(send, response)
         traffic = self.traffic
         traffic["requests"] += 1

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,18 +168,17 @@ class FedServer:
         except Exception:  # noqa: BLE001 - not a job's task
             return None
 
-    def _audit(self, event: AuditEvent) -> None:
-        """Record a refused request in the audit trail (never a state change of anything else)."""
-        loop = self._loop
-        if loop is None or self.closing:
-            return
+    def _audit(self, event: AuditEvent) -> Awaitable[None] | None:
+        """Record a refused request in the audit trail (never a state change of anything else).
+
+        The returned awaitable is waited for before the refusal is answered, so an answered
+        refusal is always in the log.
+        """
+        if self._loop is None or self.closing:
+            return None
         data = {"kind": event.kind, "method": event.method, "path": event.path, "route": event.route,
                 "identity": event.identity, "role": event.role, "reason": event.reason, "client": event.client}
+        return self._record_audit(data)
 
-        async def record() -> None:
-            try:
-                await self.runtime.fire_async(AUDIT_MACHINE, "refused", data)
-            except Exception:
-                logger.exception("could not record the audit event %s", data)
-
-        loop.create_task(record())
+    async def _record_audit(self, data: dict[str, Any]) -> None:
+        await self.runtime.fire_async(AUDIT_MACHINE, "refused", data)

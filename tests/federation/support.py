@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,17 @@ class Federation:
 def make_federation(tmp: Path, sites: tuple[str, ...] = SITES) -> Federation:
     provision(tmp / "fed", list(sites))
     return Federation(tmp / "fed")
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30.0) -> Any:
+    """Poll ``condition`` until it is truthy (a hang fails the test instead of blocking it)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout} s")
 
 
 @contextmanager
