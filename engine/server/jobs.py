@@ -154,8 +154,11 @@ class JobService:
             data = event.data or {}
             if event.trigger == "start":
                 sites = list(data.get("sites", []))
-            elif event.trigger in ("fail", "abort", "timeout"):
+            elif event.trigger in ("fail", "abort"):
                 reason = str(data.get("reason", event.trigger))
+            elif event.trigger == "timeout":
+                reason = (f"deployment timed out: fewer than min_sites={spec.get('min_sites')} sites (or not every "
+                          f"required site) became active within deploy_timeout={spec.get('deploy_timeout')} s")
             elif event.trigger == "finish":
                 digest = data.get("result_hash")
         rounds, current = (self._progress(job_id) if detail else (0, None))

@@ -80,3 +80,8 @@ def agents_running(apis: dict[str, SiteApi], logs: Path, **kw: Any) -> Iterator[
             t.join(30)
         for agent in agents.values():
             agent.close()
+
+
+def broken_workflow(ctl: Any, **_: Any) -> None:
+    """A workflow that fails before scheduling anything."""
+    raise ValueError("the data set is missing")
