@@ -47,7 +47,7 @@ class SiteTask:
     site: str
     #: the sites of the job (sorted), as the server knew them when it handed this out
     job_sites: tuple[str, ...] = ()
-    #: how many times this assignment was handed out before (0 the first time)
+    #: how many times the server has handed this assignment out (1 the first time)
     send_count: int = 0
     #: relay hop / sequential slot (None for a broadcast)
     hop: int | None = None
