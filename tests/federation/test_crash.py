@@ -98,3 +98,17 @@ def test_server_killed_on_postgresql(reference: dict[str, Any], tmp_path: Path, 
     assert summary["server_starts"] == 4
     assert summary["result_hash"] == reference["result_hash"]
     check_counted_once(pg_url)
+
+
+def test_a_locally_defined_executor_is_shipped_to_the_simulated_sites(tmp_path: Path) -> None:
+    offset = 0.25  # captured by the closure: only cloudpickle can ship this function
+
+    def local_train(task: Any) -> Any:
+        model = task.data["model"]
+        return {"model": {k: v + offset for k, v in model.items()}, "n": 1}
+
+    job = {"workflow": "fedavg", "executor": "not.imported:anywhere", "args": {"model": {"b": 1.0}, "rounds": 2}}
+    summary = simulate(SimOptions(spec=job, clients=2, workdir=tmp_path / "local", executor=local_train,
+                                  timeout=120))
+    assert summary["status"] == "finished", summary
+    assert summary["result"] == {"b": 1.5}
