@@ -201,10 +201,14 @@ class SiteAgent:
 
     def _submit(self, ct_id: str, task_id: str, result: Any) -> None:
         answer = None
+        attempts = 0
         while answer is None and not self.stop_event.is_set():
+            attempts += 1
             answer = self._call(lambda: self.api.submit(task_id, ct_id, result))
         if answer is None:
             return  # stopping: the result stays `computed` and is re-submitted at the next start
+        if attempts > 1:
+            self.stats.resubmitted += 1  # the same stored result, sent again after a failed attempt
         outcome = str(answer["outcome"])
         if answer.get("counted"):
             self.runtime.fire(ct_id, "acknowledge", {"outcome": outcome})
