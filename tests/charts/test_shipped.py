@@ -18,7 +18,8 @@ from engine.clock import ManualClock
 from engine.log.memory import MemoryRecorder
 from engine.machines.runtime import Runtime
 
-KINDS = {"job", "task", "client_task", "stream_send", "stream_receive", "swarm_round", "site", "workflow"}
+KINDS = {"job", "task", "client_task", "stream_send", "stream_receive", "swarm_round", "site", "workflow", "audit",
+         "site_task"}
 
 
 def moves(chart: Chart) -> set[tuple[str, str, str]]:
