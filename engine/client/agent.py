@@ -28,6 +28,7 @@ from typing import Any
 
 from engine.charts.loader import load_charts
 from engine.client.api import SiteApi
+from engine.client.engine import SiteEngine
 from engine.client.executor import Executor, SiteTask, load_callable
 from engine.clock import Clock, SystemClock
 from engine.errors import AuthError, ConfigError, RemoteError, TransportError
@@ -99,8 +100,10 @@ class SiteAgent:
         self.stats = AgentStats()
         self._override = executor
         self._executors: dict[str, Executor] = {}
-        self._engine_factory = engine_factory
+        self._engine_factory = engine_factory or self._default_engine
         self._engines: dict[str, Any] = {}
+        #: the assignment the executor is running (``SiteEngine.get_task_assignment``)
+        self.current: SiteTask | None = None
         self.stop_event = threading.Event()
         self.recorder: EventRecorder = open_recorder(log, lease_holder=f"fedlog client {self.site}")
         try:
@@ -114,16 +117,18 @@ class SiteAgent:
 
     def close(self) -> None:
         """Stop engines, flush and close the local log."""
+        for engine in self._engines.values():  # stop all first: their polls end together
+            getattr(engine, "stop", lambda: None)()
         for engine in self._engines.values():
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+            getattr(engine, "close", lambda: None)()
         self.runtime.close()
         self.recorder.close()
 
     def stop(self) -> None:
-        """Ask ``run`` to return after the current step."""
+        """Ask ``run`` (and the aux threads of the site's engines) to return after the current step."""
         self.stop_event.set()
+        for engine in list(self._engines.values()):
+            getattr(engine, "stop", lambda: None)()
 
     def run(self, *, max_assignments: int | None = None, idle_exit: float | None = None) -> AgentStats:
         """Serve until ``stop()`` (or ``max_assignments`` handled, or ``idle_exit`` seconds without work).
@@ -187,8 +192,12 @@ class SiteAgent:
                             job_sites=tuple(sorted(job.get("sites") or ())),
                             send_count=int(assignment.get("send_count", 0)), hop=assignment.get("hop"),
                             engine=self._engine_for(job))
-            with self._heartbeats():
-                result = as_json(executor(task), "the executor's result")
+            self.current = task
+            try:
+                with self._heartbeats():
+                    result = as_json(executor(task), "the executor's result")
+            finally:
+                self.current = None
         except Exception as exc:  # noqa: BLE001 - the executor's failure is recorded, the agent goes on
             logger.exception("%s: the executor failed on %s", self.site, ct_id)
             self.runtime.fire(ct_id, "fail", {"error": f"{type(exc).__name__}: {exc}"})
@@ -246,9 +255,19 @@ class SiteAgent:
             found = self._executors[ref] = load_callable(ref, "executor")
         return found
 
+    def _default_engine(self, job: dict[str, Any]) -> SiteEngine:
+        def abort(reason: str) -> None:
+            logger.error("%s: the executor aborted the site: %s", self.site, reason)
+            self.stop()
+
+        engine = SiteEngine(self.api.transport, self.site, job_id=str(job["job_id"]),
+                            job_sites=list(job.get("sites") or ()), assignment_getter=lambda: self.current,
+                            abort=abort, poll_wait=min(5.0, self.poll_wait))
+        return engine.start()
+
     def _engine_for(self, job: dict[str, Any]) -> Any:
         job_id = job.get("job_id")
-        if self._engine_factory is None or not isinstance(job_id, str):
+        if not isinstance(job_id, str):
             return None
         engine = self._engines.get(job_id)
         if engine is None:

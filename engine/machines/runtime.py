@@ -180,7 +180,9 @@ class Runtime:
         state = step(None, event, event.terminal)
         if not state.terminal:
             with self._entries_lock:
-                self._entries[state.machine_id] = _Entry(state)
+                # another caller may have loaded the machine from the log (and moved it on)
+                # between the commit and this line; its entry is newer than the creation
+                self._entries.setdefault(state.machine_id, _Entry(state))
         self._after_commit(event, result.seq, state, None)
         return state
 

@@ -29,6 +29,7 @@ from engine.log.sql import open_recorder
 from engine.machines.runtime import Runtime
 from engine.provision import ROLE_SITE
 from engine.server.auth import AuditEvent, CredentialStore
+from engine.server.aux import AuxHub, aux_router
 from engine.server.base import base_router
 from engine.server.http import App, Limits
 from engine.server.jobs import JobService
@@ -99,10 +100,13 @@ class FedServer:
             raise
         router = base_router()
         router.include(federation_router())
+        router.include(aux_router())
         self.app = App(router, authenticator=self.store, limits=self.settings.limits, audit=self._audit,
                        title="fedlog", version=engine.__version__, on_startup=[self.startup],
                        on_shutdown=[self.shutdown])
         self.app.state = self
+        #: aux messages between the job's sites and to the server
+        self.aux = AuxHub(self)
         self.boot = BootReport()
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -133,6 +137,7 @@ class FedServer:
         """Stop the jobs and the task manager; close the log (a restart resumes from it)."""
         self.closing = True
         self.manager._work_changed()  # release long polls
+        self.aux.release()
         await self.jobs.close()
         await self.manager.aclose()
         self.runtime.close()

@@ -85,3 +85,13 @@ def agents_running(apis: dict[str, SiteApi], logs: Path, **kw: Any) -> Iterator[
 def broken_workflow(ctl: Any, **_: Any) -> None:
     """A workflow that fails before scheduling anything."""
     raise ValueError("the data set is missing")
+
+
+def train_and_report(task: SiteTask) -> Any:
+    """``train``, after telling the server (an aux request) which sites the engine says are in the job."""
+    assert task.engine is not None
+    reply = task.engine.send_aux_request(["server"], "progress", {"sites": task.engine.get_job_clients(),
+                                                                  "task": task.engine.get_task_assignment().task_id},
+                                         timeout=10)
+    assert reply["server"]["status"] == "ok", reply
+    return train(task)

@@ -278,3 +278,27 @@ def test_group_commit_batches_concurrent_threads(tmp_path: Path, clock: ManualCl
         assert batches - created_batches < threads_n * per_thread
         states = fold(log, runtime.charts)
         assert all(s.state == "idle" and s.version == per_thread + 1 for s in states.values())
+
+
+def test_a_machine_moved_on_before_its_creator_resumed_keeps_its_newest_state(rt: Runtime,
+                                                                            log: EventRecorder) -> None:
+    """An asyncio caller that sees a new machine in the log (committed, its creator not yet
+    resumed) and fires on it must not have its state replaced by the creation's."""
+    import time as _time
+
+    async def main() -> MachineState:
+        creating = asyncio.ensure_future(rt.create_async("probe", machine_id="j-race"))
+        for _ in range(3):  # let the creation queue its event and wake the writer
+            await asyncio.sleep(0)
+        deadline = _time.monotonic() + 10
+        while log.get_machine("j-race") is None:  # committed by the writer thread; the creator has not resumed
+            assert _time.monotonic() < deadline
+            _time.sleep(0.001)
+        moved = asyncio.ensure_future(rt.fire_async("j-race", "start"))
+        await creating
+        await moved
+        return rt.get("j-race")
+
+    state = asyncio.run(main())
+    assert (state.state, state.version) == ("working", 2)
+    assert rt.fire("j-race", "progress").version == 3  # no conflict with a stale cached version
