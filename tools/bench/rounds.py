@@ -274,8 +274,9 @@ def main() -> int:
         result["recovery_over_small_log"] = large["recovery_s"] / small["recovery_s"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    text = json.dumps(result, indent=2, default=lambda v: round(v, 4) if isinstance(v, float) else str(v))
-    print(json.dumps(json.loads(text, parse_float=lambda s: round(float(s), 4)), indent=2))
+    raw = json.dumps(result, default=str)
+    text = json.dumps(json.loads(raw, parse_float=lambda s: round(float(s), 4)), indent=2)
+    print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
     return 0
