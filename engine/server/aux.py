@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from engine.errors import ConfigError, TransitionRejected
+from engine.errors import ConcurrencyConflict, ConfigError, TransitionRejected
 from engine.server.auth import ANY_ROLE
 from engine.server.http import HttpError, Request, Response, json_response
 from engine.server.routing import QueryParam, Route, Router
@@ -169,8 +169,9 @@ class AuxHub:
     async def _finish(self, machine_id: str, trigger: str, data: dict[str, Any]) -> bool:
         try:
             await self.runtime.fire_async(machine_id, trigger, data)
-        except TransitionRejected:
-            return False  # its timer (or another ending) was first; the log already says how it ended
+        except (TransitionRejected, ConcurrencyConflict):
+            # its timer (on the runtime's timer thread) or another ending was first; the log says how it ended
+            return False
         return True
 
     def _forget(self, pending: _Pending) -> None:

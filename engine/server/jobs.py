@@ -25,7 +25,13 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from engine.errors import EngineError, NondeterminismError, TransitionRejected, UnknownMachine
+from engine.errors import (
+    ConcurrencyConflict,
+    EngineError,
+    NondeterminismError,
+    TransitionRejected,
+    UnknownMachine,
+)
 from engine.log.recorder import StoredEvent
 from engine.machines.runtime import Runtime
 from engine.machines.state import MachineState
@@ -297,7 +303,8 @@ class JobService:
     async def _fire(self, job_id: str, trigger: str, data: dict[str, Any]) -> None:
         try:
             await self.runtime.fire_async(job_id, trigger, data)
-        except TransitionRejected:
+        except (TransitionRejected, ConcurrencyConflict):
+            # the deployment timer (the runtime's timer thread) may end the job first
             if not self.runtime.get(job_id).terminal:
                 raise
         self._changed.set()
