@@ -18,6 +18,10 @@ exception carries the data a program needs to react (not only a message)::
     ├── LogCorrupted                .problems: list[str]  (replay --verify found a lie)
     ├── NondeterminismError         .call, .recorded  (replay diverged from the log)
     ├── TaskError                   .argument  (a task or scheduling argument cannot be used)
+    ├── ManifestError               .path  (a tensor manifest is malformed or lies about its tensors)
+    ├── ChunkError                  the chunk store could not do what was asked
+    │   ├── ChunkIntegrityError     .digest  (bytes that do not hash to their address; never used)
+    │   └── ChunkMissing            .digest  (the store does not hold the chunk)
     ├── HttpError                   .status, .code, .message, .details  (server: answer with an error)
     ├── ClientDisconnected          (server: the peer left while its body was read)
     ├── TransportError              .method, .url, .reason, .maybe_processed  (client: no HTTP answer)
@@ -39,6 +43,9 @@ __all__ = [
     "ClientDisconnected",
     "ChartProblem",
     "ChartValidationError",
+    "ChunkError",
+    "ChunkIntegrityError",
+    "ChunkMissing",
     "ConcurrencyConflict",
     "ConfigError",
     "EngineError",
@@ -47,6 +54,7 @@ __all__ = [
     "HttpError",
     "LeaseHeld",
     "LogCorrupted",
+    "ManifestError",
     "NondeterminismError",
     "RemoteError",
     "SchemaError",
@@ -279,3 +287,34 @@ class InvalidEventData(EngineError):
             f"machine {machine_id!r}, trigger {trigger!r}: {path} is {what}; "
             "event data must be JSON with finite numbers; nothing was written"
         )
+
+
+class ManifestError(EngineError):
+    """A tensor manifest is malformed, or lies about its tensors (sizes, dtypes, chunk counts).
+
+    ``path`` names the offending entry (``tensors[3].shape``, ``chunks[2]`` ...).
+    """
+
+    def __init__(self, path: str, message: str) -> None:
+        super().__init__(f"manifest {path}: {message}")
+        self.path = path
+
+
+class ChunkError(EngineError):
+    """The chunk store could not do what was asked."""
+
+
+class ChunkIntegrityError(ChunkError):
+    """Bytes that do not hash to the address they were stored or sent under; they are never used."""
+
+    def __init__(self, digest: str, message: str) -> None:
+        super().__init__(f"chunk {digest}: {message}")
+        self.digest = digest
+
+
+class ChunkMissing(ChunkError):
+    """The store does not hold this chunk."""
+
+    def __init__(self, digest: str, where: str = "the chunk store") -> None:
+        super().__init__(f"chunk {digest} is not in {where}")
+        self.digest = digest

@@ -1,0 +1,103 @@
+"""The chunk store interface and the address function (blake3, 64 hex digits)."""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+from blake3 import blake3
+
+from engine.errors import ChunkError, ChunkIntegrityError
+
+__all__ = ["DIGEST_LEN", "MAX_CHUNK_BYTES", "ChunkStat", "ChunkStore", "check_digest", "hash_bytes"]
+
+#: hex digits of an address (blake3's 32-byte digest)
+DIGEST_LEN = 64
+#: the largest chunk a store accepts (tensor chunks are 1 MiB by default)
+MAX_CHUNK_BYTES = 64 << 20
+_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+Buffer = bytes | bytearray | memoryview
+
+
+def hash_bytes(data: Buffer) -> str:
+    """The address of ``data``: blake3, lower-case hex."""
+    return blake3(data).hexdigest()
+
+
+def check_digest(digest: object) -> str:
+    """``digest`` if it is a well-formed address (64 lower-case hex digits), else ChunkError saying why."""
+    if not isinstance(digest, str) or not _HEX.match(digest):
+        shown = digest if not isinstance(digest, str) else digest[:80]
+        raise ChunkError(f"a chunk address is 64 lower-case hex digits (blake3), got {shown!r}")
+    return digest
+
+
+def verify(digest: str, data: Buffer) -> None:
+    """Raise ChunkIntegrityError unless ``data`` hashes to ``digest``."""
+    actual = hash_bytes(data)
+    if actual != digest:
+        raise ChunkIntegrityError(digest, f"its {len(data)} bytes hash to {actual}")
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkStat:
+    """Where a stored chunk is and how big it is."""
+
+    digest: str
+    length: int
+    #: the pack file holding it (None in memory)
+    pack: str | None = None
+    offset: int = 0
+
+
+class ChunkStore(ABC):
+    """Immutable chunks by address. Implementations are safe to use from several threads."""
+
+    @abstractmethod
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        """The addresses among ``digests`` this store does not hold (in the order given, once each)."""
+
+    @abstractmethod
+    def put(self, digest: str, data: Buffer) -> bool:
+        """Store ``data`` under ``digest`` after verifying it; False if it was already held.
+
+        Durable only after the next ``sync()`` (acknowledge after syncing).
+        """
+
+    @abstractmethod
+    def get(self, digest: str) -> bytes:
+        """The chunk's bytes, verified; ChunkMissing if absent, ChunkIntegrityError if corrupt."""
+
+    @abstractmethod
+    def stat(self, digest: str) -> ChunkStat | None:
+        """Size and location of a held chunk, or None."""
+
+    @abstractmethod
+    def sync(self) -> None:
+        """Make every chunk put so far durable (fsync): the acknowledgement boundary."""
+
+    @abstractmethod
+    def digests(self) -> Iterator[str]:
+        """Every held address."""
+
+    @abstractmethod
+    def delete(self, digests: Iterable[str]) -> int:
+        """Forget chunks (garbage collection); return how many were held."""
+
+    def close(self) -> None:  # noqa: B027 - optional for stores without resources
+        """Release files (a memory store has none)."""
+
+    def __enter__(self) -> ChunkStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_put(self, digest: str, data: Buffer) -> None:
+        check_digest(digest)
+        if len(data) > MAX_CHUNK_BYTES:
+            raise ChunkError(f"chunk {digest} has {len(data)} bytes; the limit is {MAX_CHUNK_BYTES}")
+        verify(digest, data)

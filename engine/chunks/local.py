@@ -1,0 +1,267 @@
+"""The on-disk chunk store: append-only pack files plus an index (digest -> pack, offset, length).
+
+Layout of a store directory::
+
+    packs/pack-000001.pack   records: b"FLC1", u32 length, 32-byte digest, the bytes
+    index.db                 SQLite: chunks(digest, pack, offset, length)
+    LOCK                     held (flock) by the one process using the store
+
+A ``put`` appends the record to the current pack and adds its index row inside an
+open transaction; ``sync`` fsyncs the pack, then commits the index, so the index
+never names bytes that are not on disk. This is the acknowledgement boundary: many
+chunks per fsync instead of one each. Chunks written but not yet synced when the
+process died are not lost either: at open, the tail of each pack past its last
+indexed record is scanned, every record whose bytes still hash to their digest is
+indexed, and the file is cut at the first torn record. Reads verify the digest; a
+corrupt copy is dropped from the index (and so fetched again), never returned.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import struct
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from engine.chunks.base import Buffer, ChunkStat, ChunkStore, check_digest, hash_bytes
+from engine.errors import ChunkError, ChunkIntegrityError, ChunkMissing
+
+__all__ = ["LocalChunkStore"]
+
+MAGIC = b"FLC1"
+_HEADER = struct.Struct("<4sI32s")
+#: start a new pack file past this size
+PACK_LIMIT = 256 << 20
+
+Progress = Callable[[int, int], None]
+
+
+class LocalChunkStore(ChunkStore):
+    """Chunks in pack files under ``directory`` (created if needed)."""
+
+    def __init__(self, directory: str | Path, *, pack_limit: int = PACK_LIMIT) -> None:
+        self.directory = Path(directory)
+        self.packs_dir = self.directory / "packs"
+        self.packs_dir.mkdir(parents=True, exist_ok=True)
+        self.pack_limit = pack_limit
+        self._lock = threading.RLock()
+        self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock_fd)
+            raise ChunkError(f"another process is using the chunk store {self.directory}") from None
+        self._db = sqlite3.connect(self.directory / "index.db", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("CREATE TABLE IF NOT EXISTS chunks (digest TEXT PRIMARY KEY, pack TEXT NOT NULL, "
+                         "offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID")
+        self._readers: dict[str, int] = {}
+        self._in_tx = False
+        self._dirty = False
+        self.recovered = self._recover_tails()
+        self._pack, self._fd, self._size = self._open_current()
+
+    # -- files -----------------------------------------------------------------------------
+
+    def _pack_names(self) -> list[str]:
+        return sorted(p.name for p in self.packs_dir.glob("pack-*.pack"))
+
+    def _open_current(self) -> tuple[str, int, int]:
+        names = self._pack_names()
+        name = names[-1] if names else "pack-000001.pack"
+        fd = os.open(self.packs_dir / name, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return name, fd, os.fstat(fd).st_size
+
+    def _roll(self) -> None:
+        os.fsync(self._fd)
+        os.close(self._fd)
+        number = int(self._pack[5:11]) + 1
+        self._pack = f"pack-{number:06d}.pack"
+        self._fd = os.open(self.packs_dir / self._pack, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._size = 0
+
+    def _reader(self, pack: str) -> int:
+        fd = self._readers.get(pack)
+        if fd is None:
+            fd = self._readers[pack] = os.open(self.packs_dir / pack, os.O_RDONLY)
+        return fd
+
+    def _recover_tails(self) -> int:
+        """Index the records written after the last sync (found intact), cut torn ones; return how many."""
+        found = 0
+        self._db.execute("BEGIN")
+        for name in self._pack_names():
+            path = self.packs_dir / name
+            row = self._db.execute("SELECT max(offset + length) FROM chunks WHERE pack = ?", (name,)).fetchone()
+            pos = row[0] or 0
+            size = path.stat().st_size
+            with open(path, "r+b") as fh:
+                while pos < size:
+                    fh.seek(pos)
+                    head = fh.read(_HEADER.size)
+                    if len(head) < _HEADER.size:
+                        break
+                    magic, length, raw = _HEADER.unpack(head)
+                    data = fh.read(length)
+                    if magic != MAGIC or len(data) < length or hash_bytes(data) != raw.hex():
+                        break
+                    self._db.execute("INSERT OR IGNORE INTO chunks VALUES (?, ?, ?, ?)",
+                                     (raw.hex(), name, pos + _HEADER.size, length))
+                    found += 1
+                    pos += _HEADER.size + length
+                if pos < size:
+                    fh.truncate(pos)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        self._db.execute("COMMIT")
+        return found
+
+    # -- the interface ------------------------------------------------------------------------
+
+    def _begin(self) -> None:
+        if not self._in_tx:
+            self._db.execute("BEGIN")
+            self._in_tx = True
+
+    def missing(self, digests: Iterable[str]) -> list[str]:
+        wanted = [check_digest(d) for d in dict.fromkeys(digests)]
+        out: list[str] = []
+        with self._lock:
+            for i in range(0, len(wanted), 500):
+                part = wanted[i:i + 500]
+                marks = ",".join("?" * len(part))
+                held = {r[0] for r in self._db.execute(f"SELECT digest FROM chunks WHERE digest IN ({marks})", part)}
+                out.extend(d for d in part if d not in held)
+        return out
+
+    def put(self, digest: str, data: Buffer) -> bool:
+        self._check_put(digest, data)
+        with self._lock:
+            if self._db.execute("SELECT 1 FROM chunks WHERE digest = ?", (digest,)).fetchone():
+                return False
+            if self._size and self._size + len(data) > self.pack_limit:
+                self._roll()
+            header = _HEADER.pack(MAGIC, len(data), bytes.fromhex(digest))
+            offset = self._size + _HEADER.size
+            os.writev(self._fd, [header, data])
+            self._size += _HEADER.size + len(data)
+            self._begin()
+            self._db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (digest, self._pack, offset, len(data)))
+            self._dirty = True
+            return True
+
+    def sync(self) -> None:
+        with self._lock:
+            if not self._dirty and not self._in_tx:
+                return
+            os.fsync(self._fd)
+            if self._in_tx:
+                self._db.execute("COMMIT")
+                self._in_tx = False
+            self._dirty = False
+
+    def stat(self, digest: str) -> ChunkStat | None:
+        with self._lock:
+            row = self._db.execute("SELECT pack, offset, length FROM chunks WHERE digest = ?",
+                                   (check_digest(digest),)).fetchone()
+        return None if row is None else ChunkStat(digest, row[2], row[0], row[1])
+
+    def get(self, digest: str) -> bytes:
+        found = self.stat(digest)
+        if found is None:
+            raise ChunkMissing(digest, f"the chunk store {self.directory}")
+        assert found.pack is not None
+        with self._lock:
+            data = os.pread(self._reader(found.pack), found.length, found.offset)
+        if len(data) != found.length or hash_bytes(data) != digest:
+            self._drop(digest)
+            raise ChunkIntegrityError(digest, f"the copy in {found.pack} at {found.offset} is corrupt; "
+                                              "it was dropped from the index and must be fetched again")
+        return data
+
+    def _drop(self, digest: str) -> None:
+        with self._lock:
+            self._begin()
+            self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+            self.sync()
+
+    def digests(self) -> Iterator[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT digest FROM chunks").fetchall()
+        return iter(r[0] for r in rows)
+
+    def delete(self, digests: Iterable[str]) -> int:
+        count = 0
+        with self._lock:
+            self._begin()
+            for d in digests:
+                count += self._db.execute("DELETE FROM chunks WHERE digest = ?", (d,)).rowcount
+            self.sync()
+        return count
+
+    # -- maintenance ------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Chunks and bytes held, and the bytes of the pack files (the difference is reclaimable)."""
+        with self._lock:
+            chunks, held = self._db.execute("SELECT count(*), coalesce(sum(length), 0) FROM chunks").fetchone()
+        on_disk = sum(p.stat().st_size for p in self.packs_dir.glob("pack-*.pack"))
+        return {"chunks": int(chunks), "bytes": int(held), "pack_bytes": on_disk,
+                "packs": len(self._pack_names())}
+
+    def verify_all(self, progress: Progress | None = None) -> list[str]:
+        """Re-hash every chunk; return (and drop from the index) the corrupt ones."""
+        bad = []
+        all_digests = list(self.digests())
+        for i, digest in enumerate(all_digests, 1):
+            try:
+                self.get(digest)
+            except ChunkIntegrityError:
+                bad.append(digest)
+            if progress is not None:
+                progress(i, len(all_digests))
+        return bad
+
+    def compact(self, progress: Progress | None = None) -> int:
+        """Rewrite packs that are mostly garbage, keeping their live chunks; return bytes reclaimed."""
+        reclaimed = 0
+        with self._lock:
+            self.sync()
+            names = [n for n in self._pack_names() if n != self._pack]
+            for i, name in enumerate(names, 1):
+                size = (self.packs_dir / name).stat().st_size
+                live = self._db.execute("SELECT digest, offset, length FROM chunks WHERE pack = ?", (name,)).fetchall()
+                live_bytes = sum(r[2] + _HEADER.size for r in live)
+                if live_bytes * 2 > size:
+                    continue
+                fd = self._reader(name)
+                self._begin()
+                for digest, offset, length in live:
+                    data = os.pread(fd, length, offset)
+                    self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
+                    self.put(digest, data)
+                self.sync()
+                os.close(self._readers.pop(name))
+                (self.packs_dir / name).unlink()
+                reclaimed += size - live_bytes
+                if progress is not None:
+                    progress(i, len(names))
+        return reclaimed
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            self.sync()
+            os.close(self._fd)
+            self._fd = -1
+            for fd in self._readers.values():
+                os.close(fd)
+            self._readers.clear()
+            self._db.close()
+            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)

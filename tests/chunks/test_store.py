@@ -1,0 +1,146 @@
+"""The chunk store contract, on the memory and the local (pack file) store, and the local store's crash safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.chunks import ChunkStore, LocalChunkStore, MemoryChunkStore, hash_bytes
+from engine.chunks.base import MAX_CHUNK_BYTES
+from engine.errors import ChunkError, ChunkIntegrityError, ChunkMissing
+
+
+@pytest.fixture(params=["memory", "local"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[ChunkStore]:
+    s: ChunkStore = MemoryChunkStore() if request.param == "memory" else LocalChunkStore(tmp_path / "chunks")
+    yield s
+    s.close()
+
+
+def chunk(n: int, size: int = 1000) -> tuple[str, bytes]:
+    data = bytes((n + i) % 251 for i in range(size))
+    return hash_bytes(data), data
+
+
+def test_put_get_missing_stat(store: ChunkStore) -> None:
+    (a, da), (b, db) = chunk(1), chunk(2, 5000)
+    assert store.missing([a, b, a]) == [a, b]
+    assert store.put(a, da) is True and store.put(a, da) is False
+    store.sync()
+    assert store.missing([a, b]) == [b]
+    assert store.get(a) == da
+    stat = store.stat(a)
+    assert stat is not None and stat.length == len(da) and store.stat(b) is None
+    with pytest.raises(ChunkMissing, match=b):
+        store.get(b)
+    store.put(b, memoryview(db))
+    assert sorted(store.digests()) == sorted([a, b])
+    assert store.delete([a, b, a]) == 2 and store.missing([a, b]) == [a, b]
+
+
+def test_bad_chunks_are_refused_and_nothing_is_stored(store: ChunkStore) -> None:
+    a, da = chunk(3)
+    with pytest.raises(ChunkIntegrityError) as err:
+        store.put(a, da + b"x")
+    assert err.value.digest == a
+    for bad in ("ABC", a.upper(), a[:-1], a + "0", "z" * 64, 42):
+        with pytest.raises(ChunkError, match="64 lower-case hex digits"):
+            store.put(bad, da)  # type: ignore[arg-type]
+        with pytest.raises(ChunkError):
+            store.missing([bad])  # type: ignore[list-item]
+    big = b"\0" * (MAX_CHUNK_BYTES + 1)
+    with pytest.raises(ChunkError, match="the limit is"):
+        store.put(hash_bytes(big), big)
+    assert list(store.digests()) == []
+
+
+def test_a_corrupt_copy_is_never_returned_and_is_dropped(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c")
+    a, da = chunk(4)
+    store.put(a, da)
+    store.sync()
+    stat = store.stat(a)
+    assert stat is not None and stat.pack is not None
+    with open(store.packs_dir / stat.pack, "r+b") as fh:
+        fh.seek(stat.offset + 10)
+        fh.write(b"\xff")
+    with pytest.raises(ChunkIntegrityError, match="dropped from the index"):
+        store.get(a)
+    assert store.missing([a]) == [a]  # to be fetched again
+    assert store.put(a, da) is True and store.get(a) == da
+    store.close()
+
+
+def test_only_one_process_uses_a_store(tmp_path: Path) -> None:
+    first = LocalChunkStore(tmp_path / "c")
+    with pytest.raises(ChunkError, match="another process"):
+        LocalChunkStore(tmp_path / "c")
+    first.close()
+    LocalChunkStore(tmp_path / "c").close()
+
+
+WRITER = """
+import os, signal, sys
+from engine.chunks import LocalChunkStore, hash_bytes
+store = LocalChunkStore(sys.argv[1])
+for n in range(int(sys.argv[2])):
+    data = bytes([n % 256]) * 70000
+    store.put(hash_bytes(data), data)
+    if n == int(sys.argv[3]):
+        store.sync()
+print("written", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_chunks_written_after_the_last_sync_survive_a_kill(tmp_path: Path) -> None:
+    """A SIGKILLed writer's unsynced chunks are found at the next open (the pack tail is rescanned)."""
+    proc = subprocess.run([sys.executable, "-c", WRITER, str(tmp_path / "c"), "10", "3"], capture_output=True)
+    assert proc.returncode == -signal.SIGKILL and b"written" in proc.stdout
+    store = LocalChunkStore(tmp_path / "c")
+    assert store.recovered == 6
+    digests = [hash_bytes(bytes([n]) * 70000) for n in range(10)]
+    assert store.missing(digests) == []
+    assert all(store.get(d) == bytes([n]) * 70000 for n, d in enumerate(digests))
+    store.close()
+
+
+def test_a_torn_record_is_cut_and_the_intact_ones_kept(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c")
+    a, da = chunk(5)
+    store.put(a, da)
+    store.sync()
+    store.close()
+    pack = next((tmp_path / "c" / "packs").glob("*.pack"))
+    size = pack.stat().st_size
+    b, db = chunk(6)
+    with open(pack, "ab") as fh:  # a record whose bytes were cut short by the crash
+        fh.write(b"FLC1" + len(db).to_bytes(4, "little") + bytes.fromhex(b) + db[:100])
+    reopened = LocalChunkStore(tmp_path / "c")
+    assert reopened.recovered == 0 and pack.stat().st_size == size
+    assert reopened.get(a) == da and reopened.missing([b]) == [b]
+    assert reopened.put(b, db) and reopened.get(b) == db
+    reopened.close()
+
+
+def test_compaction_reclaims_deleted_chunks(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c", pack_limit=200_000)
+    chunks = [chunk(n, 50_000) for n in range(12)]
+    for d, data in chunks:
+        store.put(d, data)
+    store.sync()
+    assert store.stats()["packs"] >= 3
+    store.delete([d for d, _ in chunks[:9]])
+    before = store.stats()["pack_bytes"]
+    reclaimed = store.compact()
+    after = store.stats()
+    assert reclaimed > 0 and after["pack_bytes"] == before - reclaimed
+    assert after["chunks"] == 3 and all(store.get(d) == data for d, data in chunks[9:])
+    store.close()
+    assert os.path.exists(tmp_path / "c" / "index.db")
