@@ -1,0 +1,310 @@
+"""Tensors as content-addressed chunks: a payload becomes a manifest plus chunks, and back, bit-exact.
+
+A payload is a state_dict, or any nesting of dicts (string keys) and lists holding
+tensors and JSON values (task data and results). ``pack`` replaces each tensor by a
+placeholder ``{"$tensor": i}`` in a JSON *skeleton* and describes it in the manifest:
+its name (the path of keys to it), dtype, shape, byte order, and the blake3
+addresses of its chunks. Chunking is tensor-aligned and fixed-size: a tensor's bytes
+are cut every ``chunk_size`` bytes (1 MiB by default, overridable per tensor, e.g.
+smaller for a large embedding whose updates touch a few rows), so a chunk never
+spans two tensors, renaming or inserting a tensor re-sends nothing, and an unchanged
+tensor has the same addresses in every round. The manifest is JSON and is itself
+content-addressed (``Manifest.digest``).
+
+No pickle anywhere: the bytes are the tensors' own memory. ``pack`` hands out
+memoryviews of the tensors (no copy, unless a tensor is not contiguous or not on
+the CPU); ``unpack`` allocates each tensor once with its final dtype and shape and
+copies the chunks into it. Every torch dtype with a fixed byte size is supported:
+bool, (u)int8-64, float16/32/64, bfloat16, the float8 variants, complex32/64/128
+and the packed/bit types; quantized tensors are refused. Tensors that share storage
+are packed separately (their chunks deduplicate by address).
+
+A manifest that arrives from elsewhere is checked by ``Manifest.from_json`` before
+anything is allocated: sizes must agree with dtype and shape, chunk counts with
+sizes, addresses must be well-formed; ``ManifestError`` names the bad entry.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import orjson
+import torch
+
+from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, hash_bytes
+from engine.errors import ChunkError, ManifestError
+
+__all__ = ["DEFAULT_CHUNK_SIZE", "DTYPES", "FORMAT", "Manifest", "Packed", "TensorSpec", "load", "pack",
+           "store", "unpack"]
+
+FORMAT = "fedlog.tensors/1"
+DEFAULT_CHUNK_SIZE = 1 << 20
+#: the most tensors one manifest may describe, and the deepest shape
+MAX_TENSORS = 1_000_000
+MAX_DIMS = 64
+PLACEHOLDER = "$tensor"
+
+_DTYPE_NAMES = (
+    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
+    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
+)
+#: dtype name -> torch dtype, for the dtypes this torch has
+DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)}
+_NAME_OF = {dtype: name for name, dtype in DTYPES.items()}
+_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class TensorSpec:
+    """One tensor of a manifest."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    chunk_size: int
+    chunks: tuple[str, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes,
+                "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
+
+    def chunk_lengths(self) -> Iterator[tuple[str, int, int]]:
+        """(address, offset, length) of each chunk."""
+        for i, digest in enumerate(self.chunks):
+            offset = i * self.chunk_size
+            yield digest, offset, min(self.chunk_size, self.nbytes - offset)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The JSON description of a packed payload."""
+
+    skeleton: Any
+    tensors: tuple[TensorSpec, ...]
+    byte_order: str = "little"
+
+    def as_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "byte_order": self.byte_order, "skeleton": self.skeleton,
+                "tensors": [t.as_json() for t in self.tensors]}
+
+    def to_bytes(self) -> bytes:
+        """The canonical JSON bytes (what is stored and addressed)."""
+        return orjson.dumps(self.as_json(), option=orjson.OPT_SORT_KEYS)
+
+    @property
+    def digest(self) -> str:
+        """The manifest's own address: blake3 of its canonical bytes."""
+        return hash_bytes(self.to_bytes())
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of the tensors."""
+        return sum(t.nbytes for t in self.tensors)
+
+    def chunk_digests(self) -> list[str]:
+        """Every chunk address, in order, once each."""
+        return list(dict.fromkeys(d for t in self.tensors for d in t.chunks))
+
+    def chunk_sizes(self) -> dict[str, int]:
+        """Each distinct chunk's length."""
+        return {d: length for t in self.tensors for d, _, length in t.chunk_lengths()}
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> Manifest:
+        """Parse and check manifest bytes (from a store or the network)."""
+        try:
+            value = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ManifestError("(document)", f"not JSON: {exc}") from None
+        return cls.from_json(value)
+
+    @classmethod
+    def from_json(cls, value: Any) -> Manifest:
+        """Check a parsed manifest; ManifestError names the first entry that cannot be right."""
+        if not isinstance(value, dict) or value.get("format") != FORMAT:
+            raise ManifestError("format", f"expected {FORMAT!r}")
+        if value.get("byte_order") != sys.byteorder:
+            raise ManifestError("byte_order", f"{value.get('byte_order')!r} is not this machine's ({sys.byteorder})")
+        raw_tensors = value.get("tensors")
+        if not isinstance(raw_tensors, list) or len(raw_tensors) > MAX_TENSORS:
+            raise ManifestError("tensors", f"must be a list of at most {MAX_TENSORS} tensors")
+        specs = tuple(_check_tensor(i, t) for i, t in enumerate(raw_tensors))
+        skeleton = value.get("skeleton")
+        used: list[int] = []
+        _check_skeleton(skeleton, len(specs), used, "skeleton")
+        if sorted(used) != list(range(len(specs))):
+            raise ManifestError("skeleton", f"must refer to each of the {len(specs)} tensors exactly once")
+        return cls(skeleton, specs, sys.byteorder)
+
+
+def _check_tensor(i: int, t: Any) -> TensorSpec:
+    where = f"tensors[{i}]"
+    if not isinstance(t, dict):
+        raise ManifestError(where, "must be an object")
+    name, dtype, shape = t.get("name"), t.get("dtype"), t.get("shape")
+    if not isinstance(name, str):
+        raise ManifestError(f"{where}.name", f"must be a string, got {name!r}")
+    if dtype not in DTYPES:
+        raise ManifestError(f"{where}.dtype", f"{dtype!r} is not a supported dtype")
+    if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ManifestError(f"{where}.shape", f"must be a list of at most {MAX_DIMS} sizes >= 0, got {shape!r}")
+    nbytes = math.prod(shape) * _ITEMSIZE[dtype]
+    if t.get("nbytes") != nbytes:
+        raise ManifestError(f"{where}.nbytes", f"{t.get('nbytes')!r} does not match {dtype} {shape} ({nbytes} bytes)")
+    size = t.get("chunk_size")
+    if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_CHUNK_BYTES:
+        raise ManifestError(f"{where}.chunk_size", f"must be 1..{MAX_CHUNK_BYTES}, got {size!r}")
+    chunks = t.get("chunks")
+    expected = -(-nbytes // size)
+    if not isinstance(chunks, list) or len(chunks) != expected:
+        raise ManifestError(f"{where}.chunks", f"{nbytes} bytes in chunks of {size} need {expected} chunk(s), "
+                                               f"got {len(chunks) if isinstance(chunks, list) else chunks!r}")
+    for j, digest in enumerate(chunks):
+        try:
+            check_digest(digest)
+        except ChunkError as exc:
+            raise ManifestError(f"{where}.chunks[{j}]", str(exc)) from None
+    return TensorSpec(name, dtype, tuple(shape), nbytes, size, tuple(chunks))
+
+
+def _check_skeleton(node: Any, count: int, used: list[int], path: str) -> None:
+    if isinstance(node, dict):
+        if PLACEHOLDER in node:
+            index = node[PLACEHOLDER]
+            if len(node) != 1 or isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < count:
+                raise ManifestError(path, f"a tensor placeholder must be {{{PLACEHOLDER!r}: 0..{count - 1}}}")
+            used.append(index)
+            return
+        for key, value in node.items():
+            _check_skeleton(value, count, used, f"{path}.{key}")
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _check_skeleton(value, count, used, f"{path}[{i}]")
+
+
+@dataclass
+class Packed:
+    """A packed payload: its manifest, and each chunk as a view of the tensors' memory."""
+
+    manifest: Manifest
+    #: address -> bytes (memoryviews into the tensors; valid while this object lives)
+    chunks: dict[str, memoryview]
+    #: the arrays the views point into (kept alive with them)
+    _keep: list[Any] = field(default_factory=list, repr=False)
+
+    @property
+    def digest(self) -> str:
+        return self.manifest.digest
+
+
+def _byte_view(t: torch.Tensor) -> tuple[memoryview, Any]:
+    flat = t.detach()
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    flat = flat.contiguous().reshape(-1).view(torch.uint8)
+    array = flat.numpy()
+    return array.data, array
+
+
+def pack(payload: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE, chunk_sizes: dict[str, int] | None = None) -> Packed:
+    """Describe ``payload``'s tensors in a manifest and cut them into chunks (views, no copies)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_BYTES:
+        raise ManifestError("chunk_size", f"must be 1..{MAX_CHUNK_BYTES}, got {chunk_size!r}")
+    overrides = dict(chunk_sizes or {})
+    specs: list[TensorSpec] = []
+    chunks: dict[str, memoryview] = {}
+    keep: list[Any] = []
+
+    def visit(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, torch.Tensor):
+            name = "/".join(path)
+            dtype = _NAME_OF.get(node.dtype)
+            if dtype is None:
+                raise ManifestError(name or "(root)", f"dtype {node.dtype} cannot be packed (quantized or sub-byte)")
+            size = overrides.pop(name, chunk_size)
+            view, array = _byte_view(node)
+            keep.append(array)
+            digests = []
+            for offset in range(0, len(view), size):
+                piece = view[offset:offset + size]
+                digest = hash_bytes(piece)
+                chunks.setdefault(digest, piece)
+                digests.append(digest)
+            specs.append(TensorSpec(name, dtype, tuple(node.shape), len(view), size, tuple(digests)))
+            return {PLACEHOLDER: len(specs) - 1}
+        if isinstance(node, dict):
+            out = {}
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    raise ManifestError("/".join(path) or "(root)", f"keys must be strings, got {key!r}")
+                if key == PLACEHOLDER:
+                    raise ManifestError("/".join(path) or "(root)", f"the key {PLACEHOLDER!r} is reserved")
+                out[key] = visit(value, (*path, key))
+            return out
+        if isinstance(node, list | tuple):
+            return [visit(value, (*path, str(i))) for i, value in enumerate(node)]
+        return node
+
+    skeleton = visit(payload, ())
+    if overrides:
+        raise ManifestError("chunk_sizes", f"no tensor named {sorted(overrides)[0]!r}")
+    try:
+        skeleton = orjson.loads(orjson.dumps(skeleton))
+    except TypeError as exc:
+        raise ManifestError("skeleton", f"values other than tensors must be JSON: {exc}") from None
+    return Packed(Manifest(skeleton, tuple(specs), sys.byteorder), chunks, keep)
+
+
+def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview]) -> Any:
+    """Rebuild the payload: allocate each tensor once, copy its chunks in (each checked for length)."""
+    tensors: list[torch.Tensor] = []
+    for i, spec in enumerate(manifest.tensors):
+        with warnings.catch_warnings():  # complex32 allocations warn that the dtype is experimental
+            warnings.simplefilter("ignore", UserWarning)
+            tensor = torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
+        if spec.nbytes:
+            target = tensor.reshape(-1).view(torch.uint8).numpy()
+            for digest, offset, length in spec.chunk_lengths():
+                data = get_chunk(digest)
+                if len(data) != length:
+                    raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {len(data)} bytes, the "
+                                                               f"manifest says {length}")
+                target[offset:offset + length] = np.frombuffer(data, dtype=np.uint8)
+        tensors.append(tensor)
+
+    def build(node: Any) -> Any:
+        if isinstance(node, dict):
+            if PLACEHOLDER in node:
+                return tensors[node[PLACEHOLDER]]
+            return {k: build(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [build(v) for v in node]
+        return node
+
+    return build(manifest.skeleton)
+
+
+def store(packed: Packed, chunk_store: ChunkStore) -> str:
+    """Put the manifest and the chunks the store lacks; sync; return the manifest's address."""
+    manifest_bytes = packed.manifest.to_bytes()
+    digest = hash_bytes(manifest_bytes)
+    for missing in chunk_store.missing(packed.chunks):
+        chunk_store.put(missing, packed.chunks[missing])
+    chunk_store.put(digest, manifest_bytes)
+    chunk_store.sync()
+    return digest
+
+
+def load(chunk_store: ChunkStore, manifest_digest: str) -> Any:
+    """The payload whose manifest is stored under ``manifest_digest`` (chunks verified on read)."""
+    return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), chunk_store.get)
