@@ -21,7 +21,11 @@ __all__ = ["describe_result", "main"]
 
 
 def describe_result(result: Any, limit: int = 13) -> list[str]:
-    """A short table of a federated-statistics result (nothing for other results)."""
+    """A short table of a federated-statistics result, or a model's hash and metrics."""
+    if isinstance(result, dict) and "model_hash" in result:
+        metrics = result.get("metrics") or {}
+        shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
+        return [f"final model: blake3 {result['model_hash']}" + (f"; {shown}" if shown else "")]
     if not isinstance(result, dict) or not {"features", "mean", "variance"} <= set(result):
         return []
     lines = [f"{'feature':<30} {'mean':>12} {'variance':>14} {'min':>10} {'max':>10}"]

@@ -40,8 +40,8 @@ import torch
 from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, hash_bytes
 from engine.errors import ChunkError, ManifestError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DTYPES", "FORMAT", "Manifest", "Packed", "TensorSpec", "load", "pack",
-           "store", "unpack"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "DTYPES", "FORMAT", "REF_KEY", "Manifest", "Packed", "TensorSpec", "has_tensors",
+           "load", "pack", "ref", "ref_digest", "refs_in", "replace_refs", "store", "unpack"]
 
 FORMAT = "fedlog.tensors/1"
 DEFAULT_CHUNK_SIZE = 1 << 20
@@ -308,3 +308,63 @@ def store(packed: Packed, chunk_store: ChunkStore) -> str:
 def load(chunk_store: ChunkStore, manifest_digest: str) -> Any:
     """The payload whose manifest is stored under ``manifest_digest`` (chunks verified on read)."""
     return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), chunk_store.get)
+
+
+# -- references: how JSON (task data, results, events) points at a packed payload ---------------
+
+#: the key of a reference object: ``{"$tensors": "<manifest address>"}``
+REF_KEY = "$tensors"
+
+
+def ref(manifest_digest: str) -> dict[str, str]:
+    """The JSON that stands for a stored payload in task data, results and events."""
+    return {REF_KEY: check_digest(manifest_digest)}
+
+
+def ref_digest(value: Any) -> str | None:
+    """The manifest address if ``value`` is a reference, else None."""
+    if isinstance(value, dict) and len(value) == 1 and isinstance(value.get(REF_KEY), str):
+        return str(value[REF_KEY])
+    return None
+
+
+def refs_in(value: Any) -> list[str]:
+    """Every manifest address referenced anywhere in a JSON value (in order, once each)."""
+    found: list[str] = []
+
+    def walk(node: Any) -> None:
+        digest = ref_digest(node)
+        if digest is not None:
+            found.append(digest)
+        elif isinstance(node, dict):
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(value)
+    return list(dict.fromkeys(found))
+
+
+def replace_refs(value: Any, fn: Callable[[str], Any]) -> Any:
+    """``value`` with each reference replaced by ``fn(manifest address)``."""
+    digest = ref_digest(value)
+    if digest is not None:
+        return fn(digest)
+    if isinstance(value, dict):
+        return {k: replace_refs(v, fn) for k, v in value.items()}
+    if isinstance(value, list):
+        return [replace_refs(v, fn) for v in value]
+    return value
+
+
+def has_tensors(value: Any) -> bool:
+    """True if ``value`` holds a tensor anywhere (dicts and lists are searched)."""
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(has_tensors(v) for v in value.values())
+    if isinstance(value, list | tuple):
+        return any(has_tensors(v) for v in value)
+    return False

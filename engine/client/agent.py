@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from engine.charts.loader import load_charts
+from engine.chunks import ChunkStore, LocalChunkStore, MemoryChunkStore
 from engine.client.api import SiteApi
 from engine.client.engine import SiteEngine
 from engine.client.executor import Executor, SiteTask, load_callable
+from engine.client.payloads import SitePayloads
 from engine.clock import Clock, SystemClock
 from engine.errors import AuthError, ConfigError, RemoteError, TransportError
 from engine.log.recorder import EventRecorder
@@ -91,7 +93,8 @@ class SiteAgent:
 
     def __init__(self, api: SiteApi, log: str | Path, *, executor: Executor | None = None,
                  poll_wait: float = 20.0, heartbeat_interval: float = 15.0, backoff: Backoff | None = None,
-                 clock: Clock | None = None, engine_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
+                 clock: Clock | None = None, engine_factory: Callable[[dict[str, Any]], Any] | None = None,
+                 chunks: ChunkStore | None = None) -> None:
         self.api = api
         self.site = api.site
         self.poll_wait = poll_wait
@@ -109,6 +112,10 @@ class SiteAgent:
         try:
             self.runtime = Runtime(self.recorder, load_charts(), clock=clock or SystemClock(),
                                    writer=f"site:{self.site}", run_timers=False)
+            if chunks is None:
+                chunks = MemoryChunkStore() if str(log) == "memory" else LocalChunkStore(f"{log}.chunks")
+            self.chunks = chunks
+            self.payloads = SitePayloads(api, chunks)
         except BaseException:
             self.recorder.close()
             raise
@@ -123,6 +130,7 @@ class SiteAgent:
             getattr(engine, "close", lambda: None)()
         self.runtime.close()
         self.recorder.close()
+        self.chunks.close()
 
     def stop(self) -> None:
         """Ask ``run`` (and the aux threads of the site's engines) to return after the current step."""
@@ -181,21 +189,23 @@ class SiteAgent:
         elif state in ("submitted", "dropped"):
             # the server handed out again what it already has: answer with the stored result
             result = self._stored_result(ct_id)
-            self._call(lambda: self.api.submit(str(assignment["task_id"]), ct_id, result))
+            self._call(lambda: (self.payloads.upload(result), self.api.submit(str(assignment["task_id"]), ct_id,
+                                                                              result)))
 
     def _execute(self, ct_id: str, assignment: dict[str, Any], job: dict[str, Any]) -> bool:
         try:
             executor = self._executor_for(job)
             task = SiteTask(job_id=str(assignment.get("job_id") or job.get("job_id") or ""),
                             task_id=str(assignment["task_id"]), client_task_id=ct_id, name=str(assignment["name"]),
-                            data=assignment.get("data"), props=dict(assignment.get("props") or {}), site=self.site,
+                            data=self.payloads.fetch(assignment.get("data")),
+                            props=dict(assignment.get("props") or {}), site=self.site,
                             job_sites=tuple(sorted(job.get("sites") or ())),
                             send_count=int(assignment.get("send_count", 0)), hop=assignment.get("hop"),
                             engine=self._engine_for(job))
             self.current = task
             try:
                 with self._heartbeats():
-                    result = as_json(executor(task), "the executor's result")
+                    result = as_json(self.payloads.externalize(executor(task)), "the executor's result")
             finally:
                 self.current = None
         except Exception as exc:  # noqa: BLE001 - the executor's failure is recorded, the agent goes on
@@ -211,9 +221,14 @@ class SiteAgent:
     def _submit(self, ct_id: str, task_id: str, result: Any) -> None:
         answer = None
         attempts = 0
+
+        def upload_and_submit() -> Any:
+            self.payloads.upload(result)  # the chunks the server lacks, then the result naming them
+            return self.api.submit(task_id, ct_id, result)
+
         while answer is None and not self.stop_event.is_set():
             attempts += 1
-            answer = self._call(lambda: self.api.submit(task_id, ct_id, result))
+            answer = self._call(upload_and_submit)
         if answer is None:
             return  # stopping: the result stays `computed` and is re-submitted at the next start
         if attempts > 1:

@@ -58,6 +58,20 @@ class SiteApi:
             "GET", f"{self._base}/assignments/{_seg(client_task_id)}").json()
         return answer
 
+    def missing_chunks(self, digests: list[str]) -> list[str]:
+        """Which of ``digests`` the server lacks."""
+        missing: list[str] = self.transport.request("POST", "/v1/chunks/missing", json={"digests": digests}).json()[
+            "missing"]
+        return missing
+
+    def put_chunk(self, digest: str, data: bytes | memoryview) -> None:
+        """Upload one chunk (the server verifies it against its address)."""
+        self.transport.request("PUT", f"/v1/chunks/{digest}", body=data)
+
+    def get_chunk(self, digest: str) -> bytes:
+        """Download one chunk granted to this site."""
+        return self.transport.request("GET", f"/v1/chunks/{digest}").body
+
     def heartbeat(self) -> str:
         """An explicit heartbeat; returns the site's liveness state."""
         return str(self.transport.request("POST", self._base + "/heartbeat").json()["site_state"])

@@ -21,6 +21,13 @@ CATALOG: dict[str, dict[str, Any]] = {
         "executor": "engine.jobs.fedstats:site_stats",
         "args": {"dataset": "wine", "bins": 10},
     },
+    "cnn": {
+        "name": "FedAvg CNN on handwritten digits (PyTorch)",
+        "workflow": "fedavg_torch",
+        "executor": "engine.jobs.cnn:train",
+        "args": {"model": "engine.jobs.cnn:initial_state", "evaluate": "engine.jobs.cnn:evaluate",
+                 "rounds": 5, "epochs": 4, "lr": 0.05, "batch": 32},
+    },
     "linreg": {
         "name": "FedAvg linear regression (diabetes)",
         "workflow": "fedavg",

@@ -37,6 +37,7 @@ BUILTIN_WORKFLOWS = {
     "scatter_and_gather": "engine.workflows.builtin:scatter_and_gather",
     "cyclic": "engine.workflows.builtin:cyclic",
     "fedstats": "engine.jobs.fedstats:fedstats",
+    "fedavg_torch": "engine.workflows.builtin:fedavg_torch",
 }
 
 _FIELDS = ("name", "workflow", "args", "executor", "min_sites", "required_sites", "deploy_timeout")

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 from engine import faults
 from engine.errors import TaskError, UnknownMachine
 from engine.server.auth import ADMIN_ONLY, ANY_ROLE
+from engine.server.chunk_routes import require_payloads
 from engine.server.http import HttpError, Request, Response, json_response
 from engine.server.jobs import UnknownJob
 from engine.server.jobspec import JobSpecError
@@ -109,6 +110,8 @@ async def poll(request: Request) -> Response:
             break
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(signal.wait(), left)
+    if assignment is not None:
+        server.chunk_access.grant(site, assignment.data)
     job = None
     if assignment is not None and assignment.job_id:
         job = server.job_context(assignment.job_id)
@@ -126,6 +129,7 @@ async def submit(request: Request) -> Response:
     site = request.path_params["site"]
     request.require_identity(site)
     body = await request.json()
+    require_payloads(_server(request).chunks, body["result"])
     try:
         outcome = await _server(request).manager.process_submission(
             site, body["task_id"], request.path_params["client_task_id"], body["result"])

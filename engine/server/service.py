@@ -23,6 +23,7 @@ from typing import Any
 
 import engine
 from engine.charts.loader import load_charts
+from engine.chunks import ChunkStore, LocalChunkStore, MemoryChunkStore
 from engine.clock import Clock, SystemClock
 from engine.log.recorder import EventRecorder
 from engine.log.sql import open_recorder
@@ -31,6 +32,7 @@ from engine.provision import ROLE_SITE
 from engine.server.auth import AuditEvent, CredentialStore
 from engine.server.aux import AuxHub, aux_router
 from engine.server.base import base_router
+from engine.server.chunk_routes import ChunkAccess, chunk_router
 from engine.server.http import App, Limits
 from engine.server.jobs import JobService
 from engine.server.jobspec import JobSpec
@@ -69,6 +71,20 @@ class BootReport:
     resumed_job: str | None = None
 
 
+def open_chunk_store(db: str | Path, directory: str | Path | None) -> ChunkStore:
+    """The server's chunk store: ``directory``, else beside a SQLite log (``<db>.chunks``), else
+    ``fedlog-chunks`` in the working directory (PostgreSQL); in memory for a memory log."""
+    if directory is not None:
+        return LocalChunkStore(directory)
+    text = str(db)
+    if text == "memory":
+        return MemoryChunkStore()
+    if "://" in text and not text.startswith("sqlite"):
+        return LocalChunkStore("fedlog-chunks")
+    path = text.split(":///", 1)[-1] if text.startswith("sqlite") else text
+    return LocalChunkStore(f"{path}.chunks")
+
+
 class FedServer:
     """A server over the log at ``db`` for the federation provisioned in ``credentials``.
 
@@ -80,7 +96,7 @@ class FedServer:
 
     def __init__(self, db: str | Path, credentials: str | Path, *, settings: ServerSettings | None = None,
                  clock: Clock | None = None, recorder: EventRecorder | None = None,
-                 lease_holder: str | None = None) -> None:
+                 lease_holder: str | None = None, chunks: str | Path | ChunkStore | None = None) -> None:
         self.settings = settings or ServerSettings()
         self.clock = clock or SystemClock()
         self.store = CredentialStore.load(credentials)
@@ -88,11 +104,14 @@ class FedServer:
         holder = lease_holder or f"fedlog server (pid {os.getpid()})"
         self.recorder = recorder if recorder is not None else open_recorder(db, lease_holder=holder)
         try:
+            self.chunks: ChunkStore = chunks if isinstance(chunks, ChunkStore) else open_chunk_store(db, chunks)
+            self.chunk_access = ChunkAccess(self.chunks)
             self.runtime = Runtime(self.recorder, load_charts(), clock=self.clock, writer=WRITER)
             s = self.settings
             self.manager = TaskManager(self.runtime, clock=self.clock, client_dead_grace=s.client_dead_grace,
                                        heartbeat_timeout=s.heartbeat_timeout, dead_grace=s.dead_grace,
                                        heartbeat_record_interval=s.heartbeat_record_interval)
+            self.manager.chunk_store = self.chunks
             self.jobs = JobService(self.manager, self.site_names)
         except BaseException:
             if recorder is None:
@@ -101,6 +120,7 @@ class FedServer:
         router = base_router()
         router.include(federation_router())
         router.include(aux_router())
+        router.include(chunk_router())
         self.app = App(router, authenticator=self.store, limits=self.settings.limits, audit=self._audit,
                        title="fedlog", version=engine.__version__, on_startup=[self.startup],
                        on_shutdown=[self.shutdown])
@@ -143,6 +163,7 @@ class FedServer:
         self.runtime.close()
         if self._owns_recorder:
             self.recorder.close()
+        self.chunks.close()
 
     # -- what handlers need ---------------------------------------------------------------
 

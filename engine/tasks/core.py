@@ -140,6 +140,8 @@ class TaskCore:
         self._counters: dict[str | None, int] = {}
         self._site_listeners: list[Callable[[str, str], None]] = []
         self._work = asyncio.Event()
+        #: where payloads referenced by task data and results live (set by the server)
+        self.chunk_store: Any = None
         for state in _TERMINAL_TASK_STATES:
             runtime.on_enter("task", state, self._task_effect)
         runtime.on_enter("client_task", "timed_out", self._share_effect)

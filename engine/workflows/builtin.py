@@ -15,7 +15,8 @@ from engine.errors import TaskError
 from engine.tasks import ClientTaskView, Task, TaskCompletionStatus, TaskOutcome
 from engine.workflows.controller import Controller
 
-__all__ = ["check_model", "cyclic", "fedavg", "scatter_and_gather", "weighted_mean"]
+__all__ = ["check_model", "cyclic", "fedavg", "fedavg_torch", "scatter_and_gather", "weighted_mean",
+           "weighted_mean_tensors"]
 
 Model = dict[str, Any]
 
@@ -135,3 +136,68 @@ def cyclic(ctl: Controller, model: Model, rounds: int = 1, targets: list[str] | 
         ctl.publish({"model": model, "sites": [res.site for res in outcome.results]}, round=r)
         ctl.checkpoint({"round": r + 1, "model": model})
     return model
+
+
+def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list[str], float]:
+    """The n-weighted mean of sites' state_dicts, summed in site order in float64 (reproducible).
+
+    ``updates``: site -> ``{"model": state_dict, "n": examples}``. Returns (mean state_dict
+    in each tensor's dtype, the sites counted, total n).
+    """
+    import torch
+
+    if not updates:
+        raise TaskError("results", "no site returned a model")
+    sites = sorted(updates)
+    first = updates[sites[0]]["model"]
+    total = 0.0
+    sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in first.items()}
+    for site in sites:
+        update = updates[site]
+        n: Any = update.get("n", 1) if isinstance(update, dict) else None
+        model = update.get("model") if isinstance(update, dict) else None
+        if not _is_number(n) or n <= 0 or not isinstance(model, dict) or model.keys() != first.keys():
+            raise TaskError("results", f"{site}'s update must be {{'model': state_dict with the global keys, "
+                                       f"'n': examples > 0}}")
+        for key, value in model.items():
+            if value.shape != first[key].shape:
+                raise TaskError("results", f"{site}'s {key} has shape {tuple(value.shape)}, "
+                                           f"expected {tuple(first[key].shape)}")
+            sums[key] += float(n) * value.to(torch.float64)
+        total += float(n)
+    return {k: (s / total).to(first[k].dtype) for k, s in sums.items()}, sites, total
+
+
+def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int = 0,
+                 targets: list[str] | None = None, timeout: float = 0, task_name: str = "train",
+                 evaluate: str | None = None, **train_args: Any) -> dict[str, Any]:
+    """FedAvg on PyTorch state_dicts that travel as content-addressed chunks.
+
+    ``model`` names a function returning the initial state_dict (``package.module:function``);
+    ``evaluate`` optionally names one scoring a state_dict (JSON metrics). Extra
+    arguments (epochs, lr, ...) are passed to the sites in the task data. Each round's
+    model is stored by hash, published with its address, and checkpointed, so a
+    restarted job replays at most the round in progress and ends with the same model hash.
+    """
+    from engine.client.executor import load_callable
+    from engine.tensors import ref_digest
+
+    state = ctl.resume_point()
+    if state is None:
+        initial = load_callable(model, "model")()
+        state = {"round": 0, "model": ctl.put_tensors(initial)}
+    current = state["model"]
+    for r in range(state["round"], rounds):
+        ctl.logger.info("round %d: broadcasting %r", r, task_name)
+        outcome = ctl.broadcast_and_wait(
+            Task(task_name, data={"round": r, "model": current, **train_args}, timeout=timeout),
+            targets=targets, min_responses=min_clients)
+        updates = ctl.load_tensors(outcome.by_site())
+        mean, sites, total = weighted_mean_tensors(updates)
+        current = ctl.put_tensors(mean)
+        ctl.publish({"model_hash": ref_digest(current), "sites": sites, "n": total}, round=r)
+        ctl.checkpoint({"round": r + 1, "model": current})
+    result: dict[str, Any] = {"model": current, "model_hash": ref_digest(current)}
+    if evaluate is not None:
+        result["metrics"] = load_callable(evaluate, "evaluate")(ctl.load_tensors(current))
+    return result

@@ -48,6 +48,9 @@ from engine.errors import EngineError, NondeterminismError, TaskError
 from engine.log.recorder import EventRecorder
 from engine.tasks import Task, TaskCompletionStatus, TaskManager, TaskOutcome
 from engine.tasks.spec import BROADCAST, METHODS, RELAY, SEND, SendOrder, as_json
+from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, replace_refs
+from engine.tensors import load as tensor_load
+from engine.tensors import store as tensor_store
 
 __all__ = [
     "KIND",
@@ -309,6 +312,26 @@ class Controller:
         if faults.armed() and not self.replaying:
             faults.maybe_crash(round, "aggregate")
         self._record("publish", f"publish({_short(value)}, round={round})", value, round=round)
+
+    def put_tensors(self, payload: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE) -> dict[str, str]:
+        """Store a payload holding tensors in the server's chunk store; return its JSON reference.
+
+        The reference (``{"$tensors": "<manifest address>"}``) is what task data and
+        published values carry. Storing is idempotent and the address depends only on the
+        content, so a replayed workflow gets the same reference.
+        """
+        return ref(tensor_store(pack(payload, chunk_size=chunk_size), self._chunks()))
+
+    def load_tensors(self, value: Any) -> Any:
+        """``value`` with every tensor reference replaced by its payload, read (verified) from the store."""
+        chunks = self._chunks()
+        return replace_refs(value, lambda digest: tensor_load(chunks, digest))
+
+    def _chunks(self) -> Any:
+        store = getattr(self.manager, "chunk_store", None)
+        if store is None:
+            raise EngineError("this controller's task manager has no chunk store (tensor payloads need a server)")
+        return store
 
     def checkpoint(self, state: Any) -> None:
         """Record JSON ``state``: after a restart ``resume_point()`` returns it and replay starts here."""

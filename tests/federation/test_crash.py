@@ -112,3 +112,17 @@ def test_a_locally_defined_executor_is_shipped_to_the_simulated_sites(tmp_path: 
                                   timeout=120))
     assert summary["status"] == "finished", summary
     assert summary["result"] == {"b": 1.5}
+
+
+def test_torch_fedavg_killed_mid_round_ends_with_the_same_model_hash(tmp_path: Path) -> None:
+    """Models and updates travel as chunks; server and site kills change nothing in the final model."""
+    job = dict(CATALOG["cnn"])
+    job["args"] = {**job["args"], "rounds": 3, "epochs": 1}
+    clean = simulate(SimOptions(spec=job, clients=SITES, workdir=tmp_path / "clean", timeout=180))
+    crashed = simulate(SimOptions(spec=job, clients=SITES, workdir=tmp_path / "crashed", timeout=180,
+                                  kill_server_at=["0.result", "1.aggregate", "2.dispatch"], kill_client_random=[9]))
+    assert clean["status"] == crashed["status"] == "finished", (clean, crashed)
+    assert crashed["result"]["model_hash"] == clean["result"]["model_hash"]
+    assert crashed["result_hash"] == clean["result_hash"]
+    assert crashed["server_starts"] == 4
+    check_counted_once(str(tmp_path / "crashed" / "server.db"))
