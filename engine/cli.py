@@ -17,7 +17,8 @@ from engine.errors import EngineError
 
 __all__ = ["main"]
 
-COMMANDS = ("db", "charts", "replay", "sql", "demo", "provision", "server", "client", "job", "simulate")
+COMMANDS = ("db", "charts", "replay", "sql", "demo", "provision", "server", "client", "job", "simulate",
+            "chunks")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -59,6 +59,8 @@ class LocalChunkStore(ChunkStore):
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.execute("CREATE TABLE IF NOT EXISTS chunks (digest TEXT PRIMARY KEY, pack TEXT NOT NULL, "
                          "offset INTEGER NOT NULL, length INTEGER NOT NULL) WITHOUT ROWID")
+        # how far each pack was synced: the tail scan starts there, so deleted records stay deleted
+        self._db.execute("CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, synced_end INTEGER NOT NULL)")
         self._readers: dict[str, int] = {}
         self._in_tx = False
         self._dirty = False
@@ -77,6 +79,8 @@ class LocalChunkStore(ChunkStore):
         return name, fd, os.fstat(fd).st_size
 
     def _roll(self) -> None:
+        self._begin()
+        self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (self._pack, self._size))
         os.fsync(self._fd)
         os.close(self._fd)
         number = int(self._pack[5:11]) + 1
@@ -96,8 +100,8 @@ class LocalChunkStore(ChunkStore):
         self._db.execute("BEGIN")
         for name in self._pack_names():
             path = self.packs_dir / name
-            row = self._db.execute("SELECT max(offset + length) FROM chunks WHERE pack = ?", (name,)).fetchone()
-            pos = row[0] or 0
+            row = self._db.execute("SELECT synced_end FROM packs WHERE name = ?", (name,)).fetchone()
+            pos = row[0] if row else 0
             size = path.stat().st_size
             with open(path, "r+b") as fh:
                 while pos < size:
@@ -117,6 +121,7 @@ class LocalChunkStore(ChunkStore):
                     fh.truncate(pos)
                     fh.flush()
                     os.fsync(fh.fileno())
+            self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (name, pos))
         self._db.execute("COMMIT")
         return found
 
@@ -159,9 +164,10 @@ class LocalChunkStore(ChunkStore):
             if not self._dirty and not self._in_tx:
                 return
             os.fsync(self._fd)
-            if self._in_tx:
-                self._db.execute("COMMIT")
-                self._in_tx = False
+            self._begin()
+            self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (self._pack, self._size))
+            self._db.execute("COMMIT")
+            self._in_tx = False
             self._dirty = False
 
     def stat(self, digest: str) -> ChunkStat | None:
@@ -247,6 +253,9 @@ class LocalChunkStore(ChunkStore):
                 self.sync()
                 os.close(self._readers.pop(name))
                 (self.packs_dir / name).unlink()
+                self._begin()
+                self._db.execute("DELETE FROM packs WHERE name = ?", (name,))
+                self.sync()
                 reclaimed += size - live_bytes
                 if progress is not None:
                     progress(i, len(names))

@@ -144,3 +144,17 @@ def test_compaction_reclaims_deleted_chunks(tmp_path: Path) -> None:
     assert after["chunks"] == 3 and all(store.get(d) == data for d, data in chunks[9:])
     store.close()
     assert os.path.exists(tmp_path / "c" / "index.db")
+
+
+def test_deleted_chunks_stay_deleted_after_a_reopen(tmp_path: Path) -> None:
+    """The tail scan starts where the pack was last synced, so a deleted last record is not revived."""
+    store = LocalChunkStore(tmp_path / "c")
+    (a, da), (b, db) = chunk(7), chunk(8)
+    store.put(a, da)
+    store.put(b, db)
+    store.sync()
+    assert store.delete([b]) == 1
+    store.close()
+    reopened = LocalChunkStore(tmp_path / "c")
+    assert reopened.recovered == 0 and reopened.missing([a, b]) == [b]
+    reopened.close()
