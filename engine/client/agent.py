@@ -115,7 +115,7 @@ class SiteAgent:
             if chunks is None:
                 chunks = MemoryChunkStore() if str(log) == "memory" else LocalChunkStore(f"{log}.chunks")
             self.chunks = chunks
-            self.payloads = SitePayloads(api, chunks)
+            self.payloads = SitePayloads(api, chunks, self.runtime)
         except BaseException:
             self.recorder.close()
             raise
@@ -189,15 +189,15 @@ class SiteAgent:
         elif state in ("submitted", "dropped"):
             # the server handed out again what it already has: answer with the stored result
             result = self._stored_result(ct_id)
-            self._call(lambda: (self.payloads.upload(result), self.api.submit(str(assignment["task_id"]), ct_id,
-                                                                              result)))
+            self._call(lambda: (self.payloads.upload(result, session=ct_id),
+                                self.api.submit(str(assignment["task_id"]), ct_id, result)))
 
     def _execute(self, ct_id: str, assignment: dict[str, Any], job: dict[str, Any]) -> bool:
         try:
             executor = self._executor_for(job)
             task = SiteTask(job_id=str(assignment.get("job_id") or job.get("job_id") or ""),
                             task_id=str(assignment["task_id"]), client_task_id=ct_id, name=str(assignment["name"]),
-                            data=self.payloads.fetch(assignment.get("data")),
+                            data=self.payloads.fetch(assignment.get("data"), session=ct_id),
                             props=dict(assignment.get("props") or {}), site=self.site,
                             job_sites=tuple(sorted(job.get("sites") or ())),
                             send_count=int(assignment.get("send_count", 0)), hop=assignment.get("hop"),
@@ -223,7 +223,7 @@ class SiteAgent:
         attempts = 0
 
         def upload_and_submit() -> Any:
-            self.payloads.upload(result)  # the chunks the server lacks, then the result naming them
+            self.payloads.upload(result, session=ct_id)  # the chunks the server lacks, then the result
             return self.api.submit(task_id, ct_id, result)
 
         while answer is None and not self.stop_event.is_set():

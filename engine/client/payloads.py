@@ -16,6 +16,8 @@ from typing import Any
 from engine.chunks import ChunkStore
 from engine.client.api import SiteApi
 from engine.errors import ChunkIntegrityError
+from engine.machines.runtime import Runtime
+from engine.streams import ReceiveSession, SendSession, StreamReport
 from engine.tensors import Manifest, has_tensors, pack, ref, refs_in, replace_refs, unpack
 from engine.tensors import store as store_packed
 
@@ -25,9 +27,14 @@ __all__ = ["SitePayloads"]
 class SitePayloads:
     """Moves a site's tensor payloads between the server and the site's chunk store."""
 
-    def __init__(self, api: SiteApi, store: ChunkStore) -> None:
+    def __init__(self, api: SiteApi, store: ChunkStore, runtime: Runtime | None = None, *,
+                 in_flight: int = 4) -> None:
         self.api = api
         self.store = store
+        #: the site's runtime: transfers are recorded as stream sessions in its log (None: not recorded)
+        self.runtime = runtime
+        self.in_flight = in_flight
+        self.reports: list[StreamReport] = []
         #: bytes downloaded and uploaded (progress and tests)
         self.bytes_in = 0
         self.bytes_out = 0
@@ -43,12 +50,27 @@ class SitePayloads:
                 if attempt == 2:
                     raise  # the bad copy is never used
 
-    def fetch(self, value: Any) -> Any:
-        """``value`` with every reference replaced by its payload (downloading only missing chunks)."""
+    def fetch(self, value: Any, session: str | None = None) -> Any:
+        """``value`` with every reference replaced by its payload (downloading only missing chunks).
+
+        With a runtime and a ``session`` name (the assignment id), each payload's transfer
+        is a ``stream_receive`` machine ``recv:<session>:<manifest>``, resumed if it was cut short.
+        """
         if not refs_in(value):
             return value
 
+        def fetch_counted(digest: str) -> bytes:
+            data = self.api.get_chunk(digest)
+            self.bytes_in += len(data)
+            return data
+
         def load(digest: str) -> Any:
+            if self.runtime is not None and session is not None:
+                receiver = ReceiveSession(self.runtime, self.store, fetch_counted, f"recv:{session}:{digest[:16]}",
+                                          in_flight=self.in_flight)
+                manifest, report = receiver.run(digest)
+                self.reports.append(report)
+                return unpack(manifest, self.store.get)
             if self.store.missing([digest]):
                 self._download(digest)
             manifest = Manifest.from_bytes(self.store.get(digest))
@@ -70,10 +92,21 @@ class SitePayloads:
             return value
         return ref(store_packed(pack(value), self.store))
 
-    def upload(self, value: Any) -> int:
-        """Upload the manifests ``value`` references and the chunks the server lacks; return bytes sent."""
+    def upload(self, value: Any, session: str | None = None) -> int:
+        """Upload the manifests ``value`` references and the chunks the server lacks; return bytes sent.
+
+        With a runtime and a ``session`` name, each upload is a ``stream_send`` machine
+        ``send:<session>:<manifest>``, resumed if it was cut short.
+        """
         sent = 0
         for digest in refs_in(value):
+            if self.runtime is not None and session is not None:
+                sender = SendSession(self.runtime, self.store, self.api.missing_chunks, self.api.put_chunk,
+                                     f"send:{session}:{digest[:16]}", in_flight=self.in_flight)
+                report = sender.run(digest)
+                self.reports.append(report)
+                sent += report.bytes_moved
+                continue
             manifest = Manifest.from_bytes(self.store.get(digest))
             for missing in self.api.missing_chunks([*manifest.chunk_digests(), digest]):
                 data = self.store.get(missing)

@@ -1,0 +1,187 @@
+"""Stream sessions: move the chunks of a manifest between stores, recorded as machines, resumable.
+
+A ``ReceiveSession`` pulls a payload into the local chunk store (a site fetching a
+model) and records a ``stream_receive`` machine; a ``SendSession`` pushes one to a
+peer (a site uploading its update) and records a ``stream_send`` machine. Both do
+the same dance:
+
+1. ``offer``: the manifest (address, size, chunk count) is recorded;
+2. ``want``: the chunks the receiving side lacks (have/want) are recorded — only
+   those travel, so an unchanged model costs its manifest;
+3. ``start``, then chunks move with several requests in flight; every
+   ``ack_every`` chunks the receiving store is synced and an ``ack`` records the
+   batch (acknowledgements in batches, not per chunk);
+4. ``complete`` records what moved and what was skipped.
+
+A session found unfinished in the log when it is run again (the process died in
+the middle) is *resumed*: ``interrupt`` then ``resume`` on the same machine, with a
+want list computed afresh from the store, so acknowledged chunks are not moved again
+and chunks that arrived but were not acknowledged are found in the store (the pack
+tail scan recovers them). Each chunk is verified by its address on arrival; a bad
+copy is never used and is requested again once.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from engine.chunks import ChunkStore
+from engine.errors import ChunkIntegrityError, EngineError
+from engine.machines.runtime import Runtime
+from engine.tensors import Manifest
+
+__all__ = ["ReceiveSession", "SendSession", "StreamReport"]
+
+_OPEN_STATES = ("manifest_offered", "want_known", "transferring")
+
+#: progress callback: (chunks done, chunks wanted, bytes done)
+Progress = Callable[[int, int, int], None]
+
+
+@dataclass
+class StreamReport:
+    """What one run of a session did."""
+
+    session_id: str
+    manifest: str
+    chunks_total: int
+    chunks_wanted: int
+    bytes_moved: int
+    resumed: bool
+    #: chunks the manifest lists that the receiving side already held
+    chunks_skipped: int
+
+
+class _Session:
+    kind = ""
+
+    def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 16,
+                 progress: Progress | None = None) -> None:
+        self.runtime = runtime
+        self.session_id = session_id
+        self.peer = peer
+        self.in_flight = max(1, in_flight)
+        self.ack_every = max(1, ack_every)
+        self.progress = progress
+
+    def _begin(self, manifest_digest: str, manifest: Manifest) -> tuple[bool, bool]:
+        """Create or resume the machine; return (resumed, already complete)."""
+        row = self.runtime.recorder.get_machine(self.session_id)
+        if row is None:
+            self.runtime.create(self.kind, machine_id=self.session_id, data={"peer": self.peer})
+            self.runtime.fire(self.session_id, "offer", {"manifest": manifest_digest, "bytes": manifest.nbytes,
+                                                         "chunks": len(manifest.chunk_digests())})
+            return False, False
+        if row.state == "completed":
+            return False, True
+        if row.state in _OPEN_STATES:
+            self.runtime.fire(self.session_id, "interrupt", {"reason": "the process restarted"})
+        if self.runtime.get(self.session_id).state != "stalled":
+            raise EngineError(f"stream session {self.session_id} is {row.state}; it cannot be resumed")
+        return True, False
+
+    def _transfer(self, manifest_digest: str, manifest: Manifest, wanted: list[str], resumed: bool,
+                  move: Callable[[str], int], sync: Callable[[], None]) -> StreamReport:
+        total = len(manifest.chunk_digests())
+        if resumed:
+            self.runtime.fire(self.session_id, "resume", {"want": len(wanted)})
+        else:
+            self.runtime.fire(self.session_id, "want", {"want": len(wanted), "held": total - len(wanted)})
+            if wanted:
+                self.runtime.fire(self.session_id, "start", None)
+        moved = done = batch_chunks = batch_bytes = 0
+        lock = threading.Lock()
+        if wanted:
+            with ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="stream") as pool:
+                for size in pool.map(move, wanted):
+                    with lock:
+                        done += 1
+                        moved += size
+                        batch_chunks += 1
+                        batch_bytes += size
+                        if batch_chunks >= self.ack_every or done == len(wanted):
+                            sync()
+                            self.runtime.fire(self.session_id, "ack", {"chunks": batch_chunks, "bytes": batch_bytes,
+                                                                       "acked": done})
+                            batch_chunks = batch_bytes = 0
+                        if self.progress is not None:
+                            self.progress(done, len(wanted), moved)
+        sync()
+        self.runtime.fire(self.session_id, "complete", {"bytes": moved, "chunks": len(wanted),
+                                                        "skipped": total - len(wanted)})
+        return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, resumed, total - len(wanted))
+
+
+class ReceiveSession(_Session):
+    """Pull a payload's chunks from ``fetch`` into ``store``, recording a ``stream_receive`` machine."""
+
+    kind = "stream_receive"
+
+    def __init__(self, runtime: Runtime, store: ChunkStore, fetch: Callable[[str], bytes], session_id: str, *,
+                 peer: str = "server", **kw: Any) -> None:
+        super().__init__(runtime, session_id, peer=peer, **kw)
+        self.store = store
+        self.fetch = fetch
+
+    def _pull(self, digest: str) -> int:
+        for attempt in (1, 2):
+            data = self.fetch(digest)
+            try:
+                self.store.put(digest, data)
+                return len(data)
+            except ChunkIntegrityError:
+                if attempt == 2:
+                    raise
+        return 0  # pragma: no cover - the loop returns or raises
+
+    def run(self, manifest_digest: str) -> tuple[Manifest, StreamReport]:
+        """Receive the payload (resuming an unfinished session); return its manifest and the report."""
+        if self.store.missing([manifest_digest]):
+            self._pull(manifest_digest)
+            self.store.sync()
+        manifest = Manifest.from_bytes(self.store.get(manifest_digest))
+        resumed, finished = self._begin(manifest_digest, manifest)
+        if finished and not self.store.missing(manifest.chunk_digests()):
+            total = len(manifest.chunk_digests())
+            return manifest, StreamReport(self.session_id, manifest_digest, total, 0, 0, False, total)
+        wanted = self.store.missing(manifest.chunk_digests())
+        return manifest, self._transfer(manifest_digest, manifest, wanted, resumed, self._pull, self.store.sync)
+
+
+class SendSession(_Session):
+    """Push a payload's chunks from ``store`` to a peer that says what it lacks, recording ``stream_send``."""
+
+    kind = "stream_send"
+
+    def __init__(self, runtime: Runtime, store: ChunkStore, peer_missing: Callable[[list[str]], list[str]],
+                 put: Callable[[str, bytes], None], session_id: str, *, peer: str = "server", **kw: Any) -> None:
+        super().__init__(runtime, session_id, peer=peer, **kw)
+        self.store = store
+        self.peer_missing = peer_missing
+        self.put = put
+
+    def _push(self, digest: str) -> int:
+        data = self.store.get(digest)
+        self.put(digest, data)
+        return len(data)
+
+    def run(self, manifest_digest: str) -> StreamReport:
+        """Send what the peer lacks of the payload (resuming an unfinished session); return the report."""
+        manifest = Manifest.from_bytes(self.store.get(manifest_digest))
+        resumed, finished = self._begin(manifest_digest, manifest)
+        wanted = self.peer_missing([*manifest.chunk_digests(), manifest_digest])
+        if finished:
+            # sent and acknowledged before; whatever the peer lacks now (it lost it) goes again, unrecorded
+            moved = sum(self._push(d) for d in wanted)
+            total = len(manifest.chunk_digests())
+            return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, False, total)
+        # the manifest goes last: a peer holding the manifest holds the chunks it names
+        chunks_wanted = [d for d in wanted if d != manifest_digest]
+        report = self._transfer(manifest_digest, manifest, chunks_wanted, resumed, self._push, lambda: None)
+        if manifest_digest in wanted:
+            self._push(manifest_digest)
+        return report

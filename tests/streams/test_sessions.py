@@ -1,0 +1,100 @@
+"""Stream sessions: have/want, batched acks in the log, and resume as a transition of the same session."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+from engine.charts.registry import ChartRegistry
+from engine.chunks import MemoryChunkStore
+from engine.clock import ManualClock
+from engine.log.memory import MemoryRecorder
+from engine.machines.runtime import Runtime
+from engine.streams import ReceiveSession, SendSession
+from engine.tensors import load, pack, store
+
+
+class Died(Exception):
+    """Stands for the receiving process dying mid-transfer."""
+
+
+def setup(charts: ChartRegistry, clock: ManualClock) -> tuple[Runtime, MemoryChunkStore, MemoryChunkStore, str]:
+    runtime = Runtime(MemoryRecorder(), charts, clock=clock, run_timers=False)
+    source = MemoryChunkStore()
+    model = {f"w{i}": torch.randn(64, 64, generator=torch.Generator().manual_seed(i)) for i in range(5)}
+    digest = store(pack(model, chunk_size=4096), source)  # 5 tensors x 4 chunks
+    return runtime, source, MemoryChunkStore(), digest
+
+
+def triggers(runtime: Runtime, session: str) -> list[str]:
+    return [e.trigger for e in runtime.recorder.read(machine_id=session)]
+
+
+def test_receive_records_offer_want_batched_acks_and_completion(charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+    fetched: list[str] = []
+
+    def fetch(d: str) -> bytes:
+        fetched.append(d)
+        return source.get(d)
+
+    manifest, report = ReceiveSession(runtime, sink, fetch, "recv:a", in_flight=3, ack_every=8).run(digest)
+    assert report.chunks_wanted == 20 and report.bytes_moved == manifest.nbytes and not report.resumed
+    assert triggers(runtime, "recv:a") == ["create", "offer", "want", "start", "ack", "ack", "ack", "complete"]
+    acks = [e.data for e in runtime.recorder.read(machine_id="recv:a") if e.trigger == "ack"]
+    assert [a["chunks"] for a in acks] == [8, 8, 4] and acks[-1]["acked"] == 20
+    assert torch.equal(load(sink, digest)["w3"], load(source, digest)["w3"])
+    # the same payload again (an unchanged model): only the session, no chunk moves
+    fetched.clear()
+    _, again = ReceiveSession(runtime, sink, fetch, "recv:b").run(digest)
+    assert fetched == [] and again.chunks_wanted == 0 and again.chunks_skipped == 20
+    assert triggers(runtime, "recv:b") == ["create", "offer", "want", "complete"]
+
+
+def test_a_cut_transfer_resumes_the_same_session_without_refetching_acked_chunks(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+    count = 0
+
+    def dies_after_ten(d: str) -> bytes:
+        nonlocal count
+        count += 1
+        if count > 11:  # the manifest, then ten chunks
+            raise Died()
+        return source.get(d)
+
+    with pytest.raises(Died):
+        ReceiveSession(runtime, sink, dies_after_ten, "recv:x", in_flight=1, ack_every=4).run(digest)
+    acked = sum(e.data["chunks"] for e in runtime.recorder.read(machine_id="recv:x") if e.trigger == "ack")
+    assert acked == 8 and runtime.get("recv:x").state == "transferring"
+    refetched: list[str] = []
+
+    def fetch(d: str) -> bytes:
+        refetched.append(d)
+        return source.get(d)
+
+    _, report = ReceiveSession(runtime, sink, fetch, "recv:x", in_flight=1, ack_every=4).run(digest)
+    assert report.resumed and report.chunks_wanted == 10  # 10 arrived (8 acked, 2 not yet), 10 to go
+    assert len(refetched) == 10
+    assert triggers(runtime, "recv:x")[-6:] == ["interrupt", "resume", "ack", "ack", "ack", "complete"]
+    assert load(sink, digest).keys() == load(source, digest).keys()
+
+
+def test_send_pushes_only_what_the_peer_lacks_manifest_last(charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, peer, digest = setup(charts, clock)
+    order: list[str] = []
+
+    def put(d: str, data: Any) -> None:
+        order.append(d)
+        peer.put(d, data)
+
+    from engine.tensors import Manifest
+
+    for d in Manifest.from_bytes(source.get(digest)).chunk_digests()[:7]:  # the peer holds some chunks already
+        peer.put(d, source.get(d))
+    report = SendSession(runtime, source, peer.missing, put, "send:a", ack_every=5).run(digest)
+    assert order[-1] == digest and peer.missing(source.digests()) == []
+    assert report.chunks_wanted == 20 - 7 and report.chunks_skipped == 7
+    assert triggers(runtime, "send:a")[:4] == ["create", "offer", "want", "start"]
