@@ -1,0 +1,265 @@
+"""Benchmark: stream a state_dict from a fedlog server to 4 receiver processes, durably, and resume.
+
+Prints one JSON object. The sender is a ``fedlog server`` process whose chunk store
+holds the model (1 MiB tensor-aligned chunks); each receiver is a separate process
+running a ``ReceiveSession``: chunks verified and stored in its own pack store,
+synced and acknowledged in batches in its own SQLite log (durable receipt), 4
+requests in flight over keep-alive HTTP.
+
+* ``aggregate_gib_s``: 4 x model bytes / wall time of the slowest receiver (cold);
+  ``raw_tcp_gib_s``: the same bytes pushed over plain TCP sockets to 4 processes in
+  the same run (the baseline); ``over_raw_tcp`` their ratio.
+* ``unchanged_resend_bytes``: bytes on the wire per receiver when the same model is
+  streamed again (only the session; every chunk is already held).
+* ``changed10_bytes_ratio``: bytes moved / model bytes when 10% of the tensors changed.
+* ``resume_resent_bytes``: a receiver SIGKILLed at 50% and restarted resumes its
+  session; bytes fetched twice. ``inflight_bytes_at_kill``: requests in flight x chunk size.
+* ``sender_peak_rss_bytes``: the server process's peak RSS (VmHWM) over the run,
+  next to ``model_bytes``.
+
+Usage: ``python tools/bench/stream.py [--quick] [--mib N] [--out FILE]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.chunks import LocalChunkStore
+from engine.provision import SERVER_DIR, load_identity, provision
+from engine.server.serve import ServerProcess
+from engine.tensors import pack, store
+
+RECEIVERS = 4
+IN_FLIGHT = 4
+CHUNK = 1 << 20
+GIB = 1 << 30
+
+
+def make_model(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """About ``mib`` MiB of float32 in 20 tensors."""
+    per = mib * (1 << 20) // 4 // 20
+    g = torch.Generator().manual_seed(seed)
+    return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(20)}
+
+
+# -- the receiver process ---------------------------------------------------------------------
+
+
+def receiver_main(url: str, token: str, digest: str, workdir: str) -> int:
+    from engine.charts.loader import load_charts
+    from engine.client.transport import HttpTransport
+    from engine.clock import SystemClock
+    from engine.log.sql import open_recorder
+    from engine.machines.runtime import Runtime
+    from engine.streams import ReceiveSession
+
+    transport = HttpTransport(url, token, timeout=120)
+    os.makedirs(workdir, exist_ok=True)
+    log = open_recorder(os.path.join(workdir, "site.db"), lease_holder="bench receiver")
+    runtime = Runtime(log, load_charts(), clock=SystemClock(), writer="receiver", run_timers=False)
+    chunks = LocalChunkStore(os.path.join(workdir, "chunks"))
+    fetched = 0
+    lock = threading.Lock()
+
+    def fetch(d: str) -> bytes:
+        nonlocal fetched
+        data = transport.request("GET", f"/v1/chunks/{d}").body
+        with lock:
+            fetched += len(data)
+        return data
+
+    def progress(done: int, wanted: int, moved: int) -> None:
+        print(json.dumps({"progress": done, "wanted": wanted}), flush=True)
+
+    t0 = time.perf_counter()
+    session = ReceiveSession(runtime, chunks, fetch, f"recv:bench:{digest[:16]}", in_flight=IN_FLIGHT, ack_every=8,
+                             progress=progress)
+    _, report = session.run(digest)
+    wall = time.perf_counter() - t0
+    print(json.dumps({"done": True, "wall_s": wall, "fetched": fetched, "wanted": report.chunks_wanted,
+                      "resumed": report.resumed}), flush=True)
+    chunks.close()
+    runtime.close()
+    log.close()
+    transport.close()
+    return 0
+
+
+def run_receivers(url: str, token: str, digest: str, dirs: list[Path]) -> list[dict[str, Any]]:
+    procs = [subprocess.Popen([sys.executable, __file__, "--receiver", url, token, digest, str(d)],
+                              stdout=subprocess.PIPE, text=True) for d in dirs]
+    out = []
+    for p in procs:
+        text, _ = p.communicate(timeout=900)
+        if p.returncode != 0:
+            raise SystemExit(f"a receiver failed ({p.returncode})")
+        out.append(json.loads(text.strip().splitlines()[-1]))
+    return out
+
+
+# -- raw TCP baseline ----------------------------------------------------------------------------
+
+
+def tcp_sink_main(port: int, nbytes: int) -> int:
+    sock = socket.create_connection(("127.0.0.1", port))
+    buf = bytearray(CHUNK)
+    got = 0
+    while got < nbytes:
+        n = sock.recv_into(buf)
+        if not n:
+            break
+        got += n
+    print(got, flush=True)
+    return 0
+
+
+def raw_tcp(nbytes: int) -> float:
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    port = server.getsockname()[1]
+    payload = memoryview(bytearray(os.urandom(1 << 20)) * 16)  # 16 MiB, sent repeatedly
+    procs = [subprocess.Popen([sys.executable, __file__, "--tcp-sink", str(port), str(nbytes)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(RECEIVERS)]
+    conns = [server.accept()[0] for _ in range(RECEIVERS)]
+    t0 = time.perf_counter()
+
+    def push(conn: socket.socket) -> None:
+        sent = 0
+        while sent < nbytes:
+            n = min(len(payload), nbytes - sent)
+            conn.sendall(payload[:n])
+            sent += n
+        conn.shutdown(socket.SHUT_WR)
+
+    threads = [threading.Thread(target=push, args=(c,)) for c in conns]
+    for t in threads:
+        t.start()
+    for p in procs:
+        p.communicate(timeout=600)
+    wall = time.perf_counter() - t0
+    for t in threads:
+        t.join()
+    for c in conns:
+        c.close()
+    server.close()
+    return RECEIVERS * nbytes / wall / GIB
+
+
+def peak_rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a 256 MiB model (under a minute)")
+    parser.add_argument("--mib", type=int, help="model size in MiB (default 1024; --quick 256)")
+    parser.add_argument("--out")
+    parser.add_argument("--receiver", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--tcp-sink", nargs=2, type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.receiver:
+        return receiver_main(*args.receiver)
+    if args.tcp_sink:
+        return tcp_sink_main(*args.tcp_sink)
+    mib = args.mib or (256 if args.quick else 1024)
+    work = Path(tempfile.mkdtemp(prefix="fedlog-stream-"))
+    result: dict[str, Any] = {"bench": "stream", "quick": args.quick, "receivers": RECEIVERS, "in_flight": IN_FLIGHT,
+                              "chunk_bytes": CHUNK, "durable_receipt": "pack store synced + acks in a SQLite log"}
+    try:
+        provision(work / "fed", ["site-1"])
+        db = work / "server.db"
+        model = make_model(mib)
+        changed = dict(model)
+        for i in range(0, 20, 10):  # 2 of 20 tensors (10%) change
+            changed[f"layer{i}.weight"] = model[f"layer{i}.weight"] + 1
+        with LocalChunkStore(f"{db}.chunks") as chunks:
+            digest = store(pack(model, chunk_size=CHUNK), chunks)
+            digest2 = store(pack(changed, chunk_size=CHUNK), chunks)
+        model_bytes = sum(t.numel() * 4 for t in model.values())
+        del model, changed
+        result["model_bytes"] = model_bytes
+        print(f"[stream] raw TCP baseline, {RECEIVERS} x {mib} MiB", file=sys.stderr, flush=True)
+        result["raw_tcp_gib_s"] = raw_tcp(model_bytes)
+        server = ServerProcess(["server", "--credentials", str(work / "fed" / SERVER_DIR), "--db", str(db),
+                                "--port", "0", "--no-tls"], module="engine.cli").start(timeout=60)
+        token = load_identity(work / "fed" / "admin").token
+        try:
+            dirs = [work / f"r{i}" for i in range(RECEIVERS)]
+            print("[stream] cold stream to 4 receivers", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            cold = run_receivers(server.url, token, digest, dirs)
+            wall = time.perf_counter() - t0
+            result["aggregate_gib_s"] = RECEIVERS * model_bytes / wall / GIB
+            result["receiver_gib_s"] = [model_bytes / r["wall_s"] / GIB for r in cold]
+            result["over_raw_tcp"] = result["aggregate_gib_s"] / result["raw_tcp_gib_s"]
+            print("[stream] unchanged resend and 10% changed", file=sys.stderr, flush=True)
+            again = run_receivers(server.url, token, digest, dirs)
+            result["unchanged_resend_bytes"] = max(r["fetched"] for r in again)
+            changed10 = run_receivers(server.url, token, digest2, dirs)
+            result["changed10_bytes_ratio"] = max(r["fetched"] for r in changed10) / model_bytes
+            print("[stream] kill a receiver at 50% and resume", file=sys.stderr, flush=True)
+            rdir = work / "resume"
+            proc = subprocess.Popen([sys.executable, __file__, "--receiver", server.url, token, digest, str(rdir)],
+                                    stdout=subprocess.PIPE, text=True)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                entry = json.loads(line)
+                if entry.get("progress", 0) >= entry.get("wanted", 1) // 2:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            proc.wait()
+            proc.stdout.close()
+            resumed = run_receivers(server.url, token, digest, [rdir])[0]
+            chunk_count = -(-model_bytes // CHUNK) + 20  # upper bound: per-tensor last chunks
+            from engine.log.sql import open_recorder
+
+            with open_recorder(rdir / "site.db") as log:
+                acked_first = 0
+                for e in log.read():
+                    if e.trigger == "ack":
+                        acked_first += e.data["chunks"]
+                    if e.trigger == "interrupt":
+                        break
+            fetched_first = acked_first * CHUNK
+            total_needed = model_bytes
+            # chunks fetched twice = (fetched before the kill + fetched after) - what was needed
+            result["resume_resent_bytes"] = max(0, resumed["fetched"] - (total_needed - fetched_first))
+            result["resume_acked_chunks_before_kill"] = acked_first
+            result["resume_was_resumed"] = resumed["resumed"]
+            result["inflight_bytes_at_kill"] = IN_FLIGHT * CHUNK
+            result["chunk_count_bound"] = chunk_count
+            result["sender_peak_rss_bytes"] = peak_rss(server.pid)
+        finally:
+            server.stop()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["targets"] = {"aggregate_gib_s": ">= 1.0", "over_raw_tcp": ">= 0.25", "unchanged_resend_bytes": "<= 102400",
+                         "changed10_bytes_ratio": "<= 0.11", "resume_resent_bytes": "<= inflight_bytes_at_kill",
+                         "sender_peak_rss_bytes": "<= model_bytes + 256 MiB"}
+    text = json.dumps(json.loads(json.dumps(result), parse_float=lambda s: round(float(s), 4)), indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
