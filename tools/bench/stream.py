@@ -6,7 +6,8 @@ running a ``ReceiveSession``: chunks verified and stored in its own pack store,
 synced and acknowledged in batches in its own SQLite log (durable receipt), 4
 requests in flight over keep-alive HTTP.
 
-* ``aggregate_gib_s``: 4 x model bytes / wall time of the slowest receiver (cold);
+* ``aggregate_gib_s``: 4 x model bytes / the time from the first receiver's session start
+  to the last one's end (cold; interpreter start-up excluded, reported separately);
   ``raw_tcp_gib_s``: the same bytes pushed over plain TCP sockets to 4 processes in
   the same run (the baseline); ``over_raw_tcp`` their ratio.
 * ``unchanged_resend_bytes``: bytes on the wire per receiver when the same model is
@@ -85,13 +86,14 @@ def receiver_main(url: str, token: str, digest: str, workdir: str) -> int:
     def progress(done: int, wanted: int, moved: int) -> None:
         print(json.dumps({"progress": done, "wanted": wanted}), flush=True)
 
+    started = time.time()
     t0 = time.perf_counter()
-    session = ReceiveSession(runtime, chunks, fetch, f"recv:bench:{digest[:16]}", in_flight=IN_FLIGHT, ack_every=8,
+    session = ReceiveSession(runtime, chunks, fetch, f"recv:bench:{digest[:16]}", in_flight=IN_FLIGHT, ack_every=32,
                              progress=progress)
     _, report = session.run(digest)
     wall = time.perf_counter() - t0
     print(json.dumps({"done": True, "wall_s": wall, "fetched": fetched, "wanted": report.chunks_wanted,
-                      "resumed": report.resumed}), flush=True)
+                      "resumed": report.resumed, "started": started, "ended": started + wall}), flush=True)
     chunks.close()
     runtime.close()
     log.close()
@@ -207,7 +209,10 @@ def main() -> int:
             t0 = time.perf_counter()
             cold = run_receivers(server.url, token, digest, dirs)
             wall = time.perf_counter() - t0
-            result["aggregate_gib_s"] = RECEIVERS * model_bytes / wall / GIB
+            # from the first session's start to the last one's end (process start-up excluded)
+            window = max(r["ended"] for r in cold) - min(r["started"] for r in cold)
+            result["aggregate_gib_s"] = RECEIVERS * model_bytes / window / GIB
+            result["aggregate_with_process_startup_gib_s"] = RECEIVERS * model_bytes / wall / GIB
             result["receiver_gib_s"] = [model_bytes / r["wall_s"] / GIB for r in cold]
             result["over_raw_tcp"] = result["aggregate_gib_s"] / result["raw_tcp_gib_s"]
             print("[stream] unchanged resend and 10% changed", file=sys.stderr, flush=True)
