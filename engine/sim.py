@@ -121,7 +121,8 @@ class Simulation:
     def _start_server(self) -> None:
         fed = self.workdir / "fed"
         db = self.o.db or str(self.workdir / "server.db")
-        args = ["server", "--credentials", str(fed / SERVER_DIR), "--db", db, "--host", "127.0.0.1",
+        args = ["server", "--credentials", str(fed / SERVER_DIR), "--db", db, "--chunks",
+                str(self.workdir / "server.chunks"), "--host", "127.0.0.1",
                 "--port", str(self.port), "--no-tls", "--heartbeat-timeout", "30", "--dead-grace", "30"]
         env = dict(self._env)
         if self.points:

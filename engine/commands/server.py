@@ -36,6 +36,8 @@ def register(sub: Any) -> None:
     add_arguments(parser)
     parser.add_argument("--db", default=DEFAULT_DB,
                         help=f"event log: SQLite path or postgresql:// URL (default {DEFAULT_DB})")
+    parser.add_argument("--chunks", metavar="DIR",
+                        help="the chunk store (default: DB.chunks beside a SQLite log, ./fedlog-chunks for a URL)")
     parser.add_argument("--heartbeat-timeout", type=float, default=60.0,
                         help="seconds without contact before a site is missing (default 60)")
     parser.add_argument("--dead-grace", type=float, default=60.0,
@@ -52,7 +54,7 @@ def _open(args: argparse.Namespace, settings: ServerSettings) -> FedServer:
     deadline = time.monotonic() + args.lease_wait
     while True:
         try:
-            return FedServer(args.db, args.credentials, settings=settings)
+            return FedServer(args.db, args.credentials, settings=settings, chunks=args.chunks)
         except LeaseHeld:
             if time.monotonic() >= deadline:
                 raise

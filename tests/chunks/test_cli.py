@@ -27,7 +27,7 @@ def test_gc_keeps_what_the_log_references(tmp_path: Path) -> None:
     job["args"] = {**job["args"], "rounds": 2, "epochs": 1}
     summary = simulate(SimOptions(spec=job, clients=2, workdir=tmp_path / "sim", timeout=120))
     assert summary["status"] == "finished"
-    db, chunks = tmp_path / "sim" / "server.db", tmp_path / "sim" / "server.db.chunks"
+    db, chunks = tmp_path / "sim" / "server.db", tmp_path / "sim" / "server.chunks"
     with LocalChunkStore(chunks) as store:
         junk = b"not referenced by anything" * 1000
         store.put(hash_bytes(junk), junk)
