@@ -24,6 +24,7 @@ copy is never used and is requested again once.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,12 +35,21 @@ from engine.errors import ChunkIntegrityError, EngineError
 from engine.machines.runtime import Runtime
 from engine.tensors import Manifest
 
-__all__ = ["ReceiveSession", "SendSession", "StreamReport"]
+__all__ = ["ReceiveSession", "SendSession", "StreamReport", "StreamTimeout"]
 
 _OPEN_STATES = ("manifest_offered", "want_known", "transferring")
 
 #: progress callback: (chunks done, chunks wanted, bytes done)
 Progress = Callable[[int, int, int], None]
+
+
+class StreamTimeout(EngineError):
+    """A session ran past its ``stream_timeout``; it is recorded as failed (``expire``)."""
+
+    def __init__(self, session_id: str, timeout: float, done: int, wanted: int) -> None:
+        super().__init__(f"stream session {session_id} passed its stream_timeout of {timeout} s "
+                         f"with {done} of {wanted} chunk(s) moved")
+        self.session_id = session_id
 
 
 @dataclass
@@ -59,14 +69,16 @@ class StreamReport:
 class _Session:
     kind = ""
 
-    def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 16,
-                 progress: Progress | None = None) -> None:
+    def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 32,
+                 progress: Progress | None = None, stream_timeout: float | None = None) -> None:
         self.runtime = runtime
         self.session_id = session_id
         self.peer = peer
         self.in_flight = max(1, in_flight)
         self.ack_every = max(1, ack_every)
         self.progress = progress
+        #: seconds this run of the session may take; past it the session is `expire`d (failed)
+        self.stream_timeout = stream_timeout
 
     def _begin(self, manifest_digest: str, manifest: Manifest) -> tuple[bool, bool]:
         """Create or resume the machine; return (resumed, already complete)."""
@@ -95,9 +107,20 @@ class _Session:
                 self.runtime.fire(self.session_id, "start", None)
         moved = done = batch_chunks = batch_bytes = 0
         lock = threading.Lock()
+        deadline = None if self.stream_timeout is None else time.monotonic() + self.stream_timeout
+        expired = threading.Event()
+
+        def move_in_time(digest: str) -> int:
+            if expired.is_set() or (deadline is not None and time.monotonic() > deadline):
+                expired.set()
+                return -1
+            return move(digest)
+
         if wanted:
             with ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="stream") as pool:
-                for size in pool.map(move, wanted):
+                for size in pool.map(move_in_time, wanted):
+                    if size < 0:
+                        continue
                     with lock:
                         done += 1
                         moved += size
@@ -111,6 +134,10 @@ class _Session:
                         if self.progress is not None:
                             self.progress(done, len(wanted), moved)
         sync()
+        if expired.is_set():
+            self.runtime.fire(self.session_id, "expire", {"reason": f"stream_timeout of {self.stream_timeout} s passed",
+                                                          "acked": done})
+            raise StreamTimeout(self.session_id, self.stream_timeout or 0.0, done, len(wanted))
         self.runtime.fire(self.session_id, "complete", {"bytes": moved, "chunks": len(wanted),
                                                         "skipped": total - len(wanted)})
         return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, resumed, total - len(wanted))

@@ -98,3 +98,24 @@ def test_send_pushes_only_what_the_peer_lacks_manifest_last(charts: ChartRegistr
     assert order[-1] == digest and peer.missing(source.digests()) == []
     assert report.chunks_wanted == 20 - 7 and report.chunks_skipped == 7
     assert triggers(runtime, "send:a")[:4] == ["create", "offer", "want", "start"]
+
+
+def test_a_session_past_its_stream_timeout_is_recorded_failed(charts: ChartRegistry, clock: ManualClock) -> None:
+    from engine.streams import StreamTimeout
+
+    runtime, source, sink, digest = setup(charts, clock)
+    calls = 0
+
+    def slow_after_three(d: str) -> bytes:
+        nonlocal calls
+        calls += 1
+        if calls == 4:  # the manifest and two chunks arrive, then the peer stalls past the timeout
+            import time
+
+            time.sleep(0.3)
+        return source.get(d)
+
+    with pytest.raises(StreamTimeout, match="stream_timeout of 0.2 s"):
+        ReceiveSession(runtime, sink, slow_after_three, "recv:t", in_flight=1, stream_timeout=0.2).run(digest)
+    assert runtime.get("recv:t").state == "failed"
+    assert triggers(runtime, "recv:t")[-1] == "expire"
