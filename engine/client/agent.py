@@ -277,7 +277,7 @@ class SiteAgent:
 
         engine = SiteEngine(self.api.transport, self.site, job_id=str(job["job_id"]),
                             job_sites=list(job.get("sites") or ()), assignment_getter=lambda: self.current,
-                            abort=abort, poll_wait=min(5.0, self.poll_wait))
+                            abort=abort, poll_wait=min(5.0, self.poll_wait), runtime=self.runtime)
         return engine.start()
 
     def _engine_for(self, job: dict[str, Any]) -> Any:

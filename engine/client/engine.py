@@ -17,6 +17,11 @@ for their topic::
 Reply envelopes carry ``status`` (``ok``, ``no_handler``, ``error``, ``timeout``,
 ``refused``, ``sent``) and ``reply``. Every request and its outcome is an ``aux``
 machine in the server's log.
+
+It is also a ``StreamableEngine``: ``stream_objects`` / ``register_stream_processing``
+between sites of the job travel as aux messages on a reserved topic, each target at
+its own pace (``engine.streams.objects``); with a ``runtime`` (the agent passes the
+site's own) every stream is recorded in the site's log.
 """
 
 from __future__ import annotations
@@ -30,6 +35,15 @@ from urllib.parse import quote
 
 from engine.client.transport import Transport
 from engine.errors import ConfigError, EngineError, TaskError
+from engine.machines.runtime import Runtime
+from engine.streams.objects import (
+    STREAM_TOPIC,
+    ConsumerFactory,
+    ObjectProducer,
+    ObjectStreamer,
+    StreamableEngine,
+    StreamContext,
+)
 from engine.tasks.spec import as_json, check_seconds
 
 __all__ = ["AuxHandler", "SiteEngine"]
@@ -40,8 +54,8 @@ logger = logging.getLogger(__name__)
 AuxHandler = Callable[[str, Any, str], Any]
 
 
-class SiteEngine:
-    """A site's view of one job: its sites, its current assignment, aux messages.
+class SiteEngine(StreamableEngine):
+    """A site's view of one job: its sites, its current assignment, aux messages, object streams.
 
     Args:
         transport: the site's transport (its own credential).
@@ -51,12 +65,15 @@ class SiteEngine:
         assignment_getter: returns the assignment being executed (``get_task_assignment``).
         abort: called by ``abort_app(reason)``.
         poll_wait: seconds each aux poll waits for requests.
+        runtime: the site's runtime, where object streams are recorded (None: not recorded).
     """
 
     def __init__(self, transport: Transport, site: str, *, job_id: str, job_sites: list[str] | tuple[str, ...],
                  assignment_getter: Callable[[], Any] | None = None, abort: Callable[[str], None] | None = None,
-                 poll_wait: float = 5.0) -> None:
+                 poll_wait: float = 5.0, runtime: Runtime | None = None) -> None:
         self.transport = transport
+        self.runtime = runtime
+        self._streamer: ObjectStreamer | None = None
         self.site = site
         self.job_id = job_id
         self.job_sites = sorted(job_sites)
@@ -134,6 +151,35 @@ class SiteEngine:
     def fire_and_forget_aux_request(self, targets: list[str], topic: str, request: Any) -> dict[str, Any]:
         """Queue ``request`` for each target without waiting for replies: ``{target: envelope}``."""
         return self._send(targets, topic, request, 60.0, True)
+
+    # -- object streams (the reference's StreamableEngine) ------------------------------------------
+
+    def streamer(self) -> ObjectStreamer:
+        """This site's object streamer (made on first use; it answers the reserved stream topic)."""
+        with self._lock:
+            if self._streamer is None:
+                def deliver(target: str, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+                    envelope: dict[str, Any] = self._send([target], STREAM_TOPIC, message, timeout, False)[target]
+                    return envelope
+
+                streamer = self._streamer = ObjectStreamer(self.site, deliver, self.runtime)
+                self._handlers[STREAM_TOPIC] = lambda topic, request, sender: streamer.handle(sender, request)
+            return self._streamer
+
+    def stream_objects(self, channel: str, topic: str, stream_ctx: StreamContext, targets: list[str],
+                       producer: ObjectProducer, optional: bool = False, secure: bool = False) -> Any:
+        """Stream the producer's objects to sites of the job (see ``engine.streams.objects``)."""
+        return self.streamer().stream_objects(channel, topic, stream_ctx, targets, producer, optional, secure)
+
+    def register_stream_processing(self, channel: str, topic: str, factory: ConsumerFactory,
+                                   stream_done_cb: Callable[..., None] | None = None, **cb_kwargs: Any) -> None:
+        """Consume streams other sites send on (channel, topic)."""
+        self.streamer().register_stream_processing(channel, topic, factory, stream_done_cb, **cb_kwargs)
+
+    def shutdown_streamer(self) -> None:
+        """Finalize this site's inbound streams (recorded as aborted); no new ones are accepted."""
+        if self._streamer is not None:
+            self._streamer.shutdown_streamer()
 
     # -- receiving ---------------------------------------------------------------------------------
 

@@ -70,7 +70,8 @@ class _Session:
     kind = ""
 
     def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 32,
-                 progress: Progress | None = None, stream_timeout: float | None = None) -> None:
+                 progress: Progress | None = None, stream_timeout: float | None = None,
+                 entry_timeout: float = 60.0) -> None:
         self.runtime = runtime
         self.session_id = session_id
         self.peer = peer
@@ -79,12 +80,15 @@ class _Session:
         self.progress = progress
         #: seconds this run of the session may take; past it the session is `expire`d (failed)
         self.stream_timeout = stream_timeout
+        #: seconds without an acknowledged batch before the session's timer stalls it (the per-entry timeout)
+        self.entry_timeout = entry_timeout
 
     def _begin(self, manifest_digest: str, manifest: Manifest) -> tuple[bool, bool]:
         """Create or resume the machine; return (resumed, already complete)."""
         row = self.runtime.recorder.get_machine(self.session_id)
         if row is None:
-            self.runtime.create(self.kind, machine_id=self.session_id, data={"peer": self.peer})
+            self.runtime.create(self.kind, machine_id=self.session_id,
+                                data={"peer": self.peer, "entry_timeout": self.entry_timeout})
             self.runtime.fire(self.session_id, "offer", {"manifest": manifest_digest, "bytes": manifest.nbytes,
                                                          "chunks": len(manifest.chunk_digests())})
             return False, False
@@ -128,8 +132,10 @@ class _Session:
                         batch_bytes += size
                         if batch_chunks >= self.ack_every or done == len(wanted):
                             sync()
+                            # each ack re-arms the per-entry deadline (a self-transition keeps the armed one)
+                            deadline_us = self.runtime.clock.now_us() + round(self.entry_timeout * 1_000_000)
                             self.runtime.fire(self.session_id, "ack", {"chunks": batch_chunks, "bytes": batch_bytes,
-                                                                       "acked": done})
+                                                                       "acked": done}, deadline_us=deadline_us)
                             batch_chunks = batch_bytes = 0
                         if self.progress is not None:
                             self.progress(done, len(wanted), moved)

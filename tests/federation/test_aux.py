@@ -9,11 +9,22 @@ from typing import Any
 
 import pytest
 
+from engine.charts.loader import load_charts
 from engine.client.api import AdminApi, SiteApi
 from engine.client.engine import SiteEngine
 from engine.client.transport import AsgiTransport
+from engine.clock import SystemClock
 from engine.errors import AuthError, ConfigError, RemoteError, TaskError
+from engine.log.memory import MemoryRecorder
+from engine.machines.runtime import Runtime
 from engine.server.service import FedServer
+from engine.streams import (
+    ConsumerFactory,
+    ObjectConsumer,
+    ObjectProducer,
+    StreamContext,
+    StreamContextKey,
+)
 from tests.federation.support import EXECUTOR, Federation, make_federation, wait_until
 
 MODEL = {"w": [0.0, 1.0], "b": 0.5}
@@ -151,3 +162,64 @@ def test_handler_registration_errors(engines: dict[str, SiteEngine]) -> None:
     with pytest.raises(TaskError, match="targets"):
         engine.send_aux_request([], "ping", {})
     assert engine.get_job_clients() == ["site-1", "site-2"]
+
+
+class _Numbers(ObjectProducer):
+    def __init__(self, n: int) -> None:
+        self.n, self.i = n, 0
+        self.replies: list[dict[str, Any]] = []
+
+    def produce(self, stream_ctx: StreamContext) -> tuple[Any, float]:
+        self.i += 1
+        return ({"i": self.i - 1}, 10.0) if self.i <= self.n else (None, 10.0)
+
+    def process_replies(self, replies: dict[str, Any], stream_ctx: StreamContext) -> Any:
+        self.replies.append(replies)
+        return None
+
+
+class _Sum(ObjectConsumer):
+    def __init__(self, totals: list[int]) -> None:
+        self.totals = totals
+        self.total = 0
+
+    def consume(self, obj: Any, stream_ctx: StreamContext) -> tuple[bool, Any]:
+        self.total += obj["i"]
+        return True, self.total
+
+    def finalize(self, stream_ctx: StreamContext) -> None:
+        self.totals.append(self.total)
+
+
+class _SumFactory(ConsumerFactory):
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+
+    def get_consumer(self, stream_ctx: StreamContext) -> ObjectConsumer:
+        assert stream_ctx["round"] == 4 and stream_ctx[StreamContextKey.SENDER] == "site-1"
+        return _Sum(self.totals)
+
+
+def test_sites_stream_objects_through_the_relay_and_both_sides_record_it(
+        server: FedServer, engines: dict[str, SiteEngine]) -> None:
+    runtimes = {s: Runtime(MemoryRecorder(), load_charts(), clock=SystemClock(), run_timers=False) for s in ("site-1", "site-2")}
+    for site, runtime in runtimes.items():
+        engines[site].runtime = runtime
+    factory = _SumFactory()
+    done: list[str] = []
+    engines["site-2"].register_stream_processing("app", "numbers", factory,
+                                                 stream_done_cb=lambda ctx, tag: done.append(tag), tag="ended")
+    engines["site-2"].start()
+    producer = _Numbers(6)
+    assert engines["site-1"].stream_objects("app", "numbers", {"round": 4}, ["site-2"], producer) is None
+    assert [r["site-2"] for r in producer.replies] == [0, 1, 3, 6, 10, 15]
+    assert factory.totals == [15] and done == ["ended"]
+    (send,) = runtimes["site-1"].recorder.machines(kind="stream_send")
+    (recv,) = runtimes["site-2"].recorder.machines(kind="stream_receive")
+    assert send.state == recv.state == "completed"
+    # each object (and the end) was a recorded aux request in the server's log
+    assert sum(1 for row in server.recorder.machines(kind="aux")) == 7
+    # a site outside the job is refused, and only that target's stream fails
+    refused = _Numbers(2)
+    engines["site-1"].stream_objects("app", "numbers", {"round": 4}, ["site-3"], refused)
+    assert refused.replies[0]["site-3"]["rc"] == "EXECUTION_EXCEPTION"

@@ -119,3 +119,16 @@ def test_a_session_past_its_stream_timeout_is_recorded_failed(charts: ChartRegis
         ReceiveSession(runtime, sink, slow_after_three, "recv:t", in_flight=1, stream_timeout=0.2).run(digest)
     assert runtime.get("recv:t").state == "failed"
     assert triggers(runtime, "recv:t")[-1] == "expire"
+
+
+def test_each_acknowledged_batch_re_arms_the_per_entry_deadline(charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+
+    def fetch(d: str) -> bytes:
+        clock.advance(4.0)  # a slow link: 4 s per chunk, 32 s per batch of 8
+        return source.get(d)
+
+    ReceiveSession(runtime, sink, fetch, "recv:slow", in_flight=1, ack_every=8, entry_timeout=45.0).run(digest)
+    acks = [e for e in runtime.recorder.read(machine_id="recv:slow") if e.trigger == "ack"]
+    # without re-arming, the deadline set when transferring began (45 s) would stall a 80 s transfer
+    assert [(e.deadline_us or 0) - e.ts_us for e in acks] == [45_000_000] * len(acks)
