@@ -197,7 +197,8 @@ class SiteAgent:
             executor = self._executor_for(job)
             task = SiteTask(job_id=str(assignment.get("job_id") or job.get("job_id") or ""),
                             task_id=str(assignment["task_id"]), client_task_id=ct_id, name=str(assignment["name"]),
-                            data=self.payloads.fetch(assignment.get("data"), session=ct_id),
+                            data=self.payloads.fetch(assignment.get("data"), session=ct_id,
+                                                     streaming=assignment.get("tensor_stream")),
                             props=dict(assignment.get("props") or {}), site=self.site,
                             job_sites=tuple(sorted(job.get("sites") or ())),
                             send_count=int(assignment.get("send_count", 0)), hop=assignment.get("hop"),

@@ -72,6 +72,11 @@ class SiteApi:
         """Download one chunk granted to this site."""
         return self.transport.request("GET", f"/v1/chunks/{digest}").body
 
+    def report_stream(self, session: str, event: str, data: dict[str, Any]) -> str:
+        """Tell the server how one of its task-data sessions to this site moved; return its state there."""
+        resp = self.transport.request("POST", f"{self._base}/streams/{_seg(session)}", json={"event": event, **data})
+        return str(resp.json()["state"])
+
     def heartbeat(self) -> str:
         """An explicit heartbeat; returns the site's liveness state."""
         return str(self.transport.request("POST", self._base + "/heartbeat").json()["site_state"])

@@ -11,17 +11,20 @@ chunks it lacks (have/want) before the result that names them is submitted.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from engine.chunks import ChunkStore
 from engine.client.api import SiteApi
-from engine.errors import ChunkIntegrityError
+from engine.errors import ChunkIntegrityError, EngineError
 from engine.machines.runtime import Runtime
 from engine.streams import ReceiveSession, SendSession, StreamReport
 from engine.tensors import Manifest, has_tensors, pack, ref, refs_in, replace_refs, unpack
 from engine.tensors import store as store_packed
 
 __all__ = ["SitePayloads"]
+
+logger = logging.getLogger(__name__)
 
 
 class SitePayloads:
@@ -50,11 +53,21 @@ class SitePayloads:
                 if attempt == 2:
                     raise  # the bad copy is never used
 
-    def fetch(self, value: Any, session: str | None = None) -> Any:
+    def _reporter(self, session: str) -> Any:
+        def report(event: str, data: dict[str, Any]) -> None:
+            try:
+                self.api.report_stream(session, event, data)
+            except EngineError as exc:  # the transfer goes on; the server's record of it lags
+                logger.info("%s: %s of %s not reported: %s", self.api.site, event, session, exc)
+        return report
+
+    def fetch(self, value: Any, session: str | None = None, streaming: dict[str, Any] | None = None) -> Any:
         """``value`` with every reference replaced by its payload (downloading only missing chunks).
 
         With a runtime and a ``session`` name (the assignment id), each payload's transfer
         is a ``stream_receive`` machine ``recv:<session>:<manifest>``, resumed if it was cut short.
+        ``streaming`` is what the server said of the task data (its TensorServerStreamer role):
+        the server-side sessions to report progress on and the ``tensor_send_timeout``.
         """
         if not refs_in(value):
             return value
@@ -66,8 +79,12 @@ class SitePayloads:
 
         def load(digest: str) -> Any:
             if self.runtime is not None and session is not None:
+                server_side = f"tss:{session}:{digest[:16]}"
+                reported = streaming is not None and server_side in (streaming.get("sessions") or ())
+                entry = float((streaming or {}).get("tensor_send_timeout") or 60.0)
                 receiver = ReceiveSession(self.runtime, self.store, fetch_counted, f"recv:{session}:{digest[:16]}",
-                                          in_flight=self.in_flight)
+                                          in_flight=self.in_flight, entry_timeout=entry,
+                                          reporter=self._reporter(server_side) if reported else None)
                 manifest, report = receiver.run(digest)
                 self.reports.append(report)
                 return unpack(manifest, self.store.get)

@@ -28,6 +28,7 @@ import orjson
 from engine.client.executor import load_callable
 from engine.errors import ConfigError, EngineError
 from engine.provision import check_name
+from engine.server.tensor_streamer import TensorStreamConfig, TensorStreamConfigError
 
 __all__ = ["BUILTIN_WORKFLOWS", "JobSpec", "JobSpecError", "resolve_workflow", "result_hash"]
 
@@ -40,7 +41,7 @@ BUILTIN_WORKFLOWS = {
     "fedavg_torch": "engine.workflows.builtin:fedavg_torch",
 }
 
-_FIELDS = ("name", "workflow", "args", "executor", "min_sites", "required_sites", "deploy_timeout")
+_FIELDS = ("name", "workflow", "args", "executor", "min_sites", "required_sites", "deploy_timeout", "tensor_stream")
 
 
 class JobSpecError(EngineError):
@@ -77,6 +78,8 @@ class JobSpec:
     min_sites: int = 1
     required_sites: tuple[str, ...] = ()
     deploy_timeout: float = 300.0
+    #: the TensorServerStreamer role's settings (``engine.server.tensor_streamer``); None: its defaults
+    tensor_stream: dict[str, Any] | None = None
 
     @classmethod
     def parse(cls, raw: Any, *, known_sites: list[str] | None = None) -> JobSpec:
@@ -122,10 +125,18 @@ class JobSpec:
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not math.isfinite(timeout) \
                 or timeout <= 0:
             raise JobSpecError("deploy_timeout", f"must be a number of seconds > 0, got {timeout!r}")
-        return cls(workflow, executor, args, name, min_sites, tuple(sorted(set(required))), float(timeout))
+        tensor_stream = raw.get("tensor_stream")
+        if tensor_stream is not None:
+            try:
+                tensor_stream = TensorStreamConfig.parse(tensor_stream).as_json()
+            except TensorStreamConfigError as exc:
+                raise JobSpecError("tensor_stream", str(exc)) from None
+        return cls(workflow, executor, args, name, min_sites, tuple(sorted(set(required))), float(timeout),
+                   tensor_stream)
 
     def as_json(self) -> dict[str, Any]:
         """The spec as stored in the job's ``submitted`` event."""
         return {"name": self.name, "workflow": self.workflow, "args": self.args, "executor": self.executor,
                 "min_sites": self.min_sites, "required_sites": list(self.required_sites),
-                "deploy_timeout": self.deploy_timeout}
+                "deploy_timeout": self.deploy_timeout,
+                **({"tensor_stream": self.tensor_stream} if self.tensor_stream is not None else {})}

@@ -25,6 +25,7 @@ from engine.server.jobs import UnknownJob
 from engine.server.jobspec import JobSpecError
 from engine.server.routing import QueryParam, Route, Router
 from engine.tasks import TaskAssignment
+from engine.tensors import refs_in
 
 if TYPE_CHECKING:
     from engine.server.service import FedServer
@@ -52,6 +53,13 @@ POLL_SCHEMA = {
         "job": {"anyOf": [{"type": "object"}, {"type": "null"}]},
         "site_state": {"type": "string"},
     },
+}
+_COUNT = {"type": "integer", "minimum": 0}
+STREAM_REPORT = {
+    "type": "object", "required": ["event"], "additionalProperties": False,
+    "properties": {"event": {"enum": ["want", "resume", "ack", "complete", "fail"]}, "want": _COUNT, "held": _COUNT,
+                   "chunks": _COUNT, "bytes": _COUNT, "acked": _COUNT, "skipped": _COUNT,
+                   "reason": {"type": "string", "maxLength": 2000}},
 }
 SUBMIT_REQUEST = {
     "type": "object", "required": ["task_id", "result"], "additionalProperties": False,
@@ -118,10 +126,37 @@ async def poll(request: Request) -> Response:
         progress = manager.task_progress(assignment.task_id)
         if job is not None and progress is not None:
             job = {**job, "sites": sorted(progress["targets"])}  # the sites this task went to
+    answer = None if assignment is None else _assignment(assignment)
+    if assignment is not None and answer is not None and refs_in(assignment.data):
+        answer["tensor_stream"] = await asyncio.to_thread(_stream_task_data, server, assignment, site)
     if assignment is not None and faults.armed():
         faults.maybe_crash(server.round_of(assignment.job_id, assignment.data), "dispatch")
-    return json_response({"assignment": None if assignment is None else _assignment(assignment), "job": job,
-                          "site_state": manager.site_state(site) or "unknown"})
+    return json_response({"assignment": answer, "job": job, "site_state": manager.site_state(site) or "unknown"})
+
+
+def _stream_task_data(server: FedServer, a: TaskAssignment, site: str) -> dict[str, Any]:
+    """Record the site's share of the task's tensor data (the TensorServerStreamer role)."""
+    config = server.tensor_stream_config(a.job_id)
+    progress = server.manager.task_progress(a.task_id) or {}
+    sessions = server.tensor_streamer.on_dispatch(
+        job_id=a.job_id, round=server.round_of(a.job_id, a.data), task_id=a.task_id, task_name=a.name,
+        client_task_id=a.client_task_id, site=site, data=a.data, targets=sorted(progress.get("targets") or [site]),
+        config=config)
+    return {"sessions": sessions, "tensor_send_timeout": config.tensor_send_timeout}
+
+
+async def stream_report(request: Request) -> Response:
+    """A site's progress on one of the server's task-data sessions to it (recorded on that session)."""
+    site = request.path_params["site"]
+    request.require_identity(site)
+    session = request.path_params["session"]
+    body = await request.json()
+    event = body.pop("event")
+    try:
+        state = await asyncio.to_thread(_server(request).tensor_streamer.on_report, site, session, event, body)
+    except KeyError:
+        raise HttpError(404, "unknown_session", f"{site} has no task-data session {session!r}") from None
+    return json_response({"state": state})
 
 
 async def submit(request: Request) -> Response:
@@ -236,6 +271,10 @@ def federation_router() -> Router:
               tags=("sites",), errors=(422,)),
         Route("GET", ct_path, check, "Where one of the site's assignments stands", roles=ANY_ROLE,
               response_schema=CHECK_RESPONSE, tags=("sites",), errors=(404,)),
+        Route("POST", site_path + "/streams/{session}", stream_report,
+              "Report progress on a task-data session (the server records its side)", roles=ANY_ROLE, body="json",
+              request_schema=STREAM_REPORT, response_schema={"type": "object", "required": ["state"]},
+              tags=("sites",), errors=(404, 422)),
         Route("POST", site_path + "/heartbeat", heartbeat, "An explicit heartbeat", roles=ANY_ROLE,
               response_schema=HEARTBEAT_RESPONSE, tags=("sites",)),
         Route("GET", "/v1/stats", server_stats, "Traffic and boot figures of this server process",

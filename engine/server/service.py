@@ -37,6 +37,7 @@ from engine.server.http import App, Limits
 from engine.server.jobs import JobService
 from engine.server.jobspec import JobSpec
 from engine.server.routes import federation_router
+from engine.server.tensor_streamer import TensorServerStreamer, TensorStreamConfig
 from engine.tasks import TaskManager
 
 __all__ = ["BootReport", "FedServer", "ServerSettings"]
@@ -127,6 +128,9 @@ class FedServer:
         self.app.state = self
         #: aux messages between the job's sites and to the server
         self.aux = AuxHub(self)
+        #: tensor task data to the sites, recorded per task and site (the TensorServerStreamer role)
+        self.tensor_streamer = TensorServerStreamer(self)
+        self._stream_configs: dict[str, TensorStreamConfig] = {}
         self.boot = BootReport()
         self.closing = False
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -166,6 +170,19 @@ class FedServer:
         self.chunks.close()
 
     # -- what handlers need ---------------------------------------------------------------
+
+    def tensor_stream_config(self, job_id: str | None) -> TensorStreamConfig:
+        """The job's TensorServerStreamer settings (the defaults for a task outside any job)."""
+        if job_id is None:
+            return TensorStreamConfig()
+        found = self._stream_configs.get(job_id)
+        if found is None:
+            try:
+                raw = JobSpec.parse(self.jobs.show(job_id, detail=False).spec).tensor_stream
+            except Exception:  # noqa: BLE001 - an unknown job streams with the defaults
+                raw = None
+            found = self._stream_configs[job_id] = TensorStreamConfig.parse(raw)
+        return found
 
     def job_context(self, job_id: str) -> dict[str, Any] | None:
         """What a site needs to run a job's tasks: its executor and its sites."""

@@ -41,6 +41,9 @@ _OPEN_STATES = ("manifest_offered", "want_known", "transferring")
 
 #: progress callback: (chunks done, chunks wanted, bytes done)
 Progress = Callable[[int, int, int], None]
+#: told of each recorded step (``want``, ``resume``, ``ack``, ``complete``, ``fail``) with its data, so the
+#: peer can record its side of the session (a site reports its downloads to the server this way)
+Reporter = Callable[[str, dict[str, Any]], None]
 
 
 class StreamTimeout(EngineError):
@@ -71,7 +74,7 @@ class _Session:
 
     def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 32,
                  progress: Progress | None = None, stream_timeout: float | None = None,
-                 entry_timeout: float = 60.0) -> None:
+                 entry_timeout: float = 60.0, reporter: Reporter | None = None) -> None:
         self.runtime = runtime
         self.session_id = session_id
         self.peer = peer
@@ -82,6 +85,11 @@ class _Session:
         self.stream_timeout = stream_timeout
         #: seconds without an acknowledged batch before the session's timer stalls it (the per-entry timeout)
         self.entry_timeout = entry_timeout
+        self.reporter = reporter
+
+    def _report(self, event: str, data: dict[str, Any]) -> None:
+        if self.reporter is not None:
+            self.reporter(event, data)
 
     def _begin(self, manifest_digest: str, manifest: Manifest) -> tuple[bool, bool]:
         """Create or resume the machine; return (resumed, already complete)."""
@@ -105,10 +113,12 @@ class _Session:
         total = len(manifest.chunk_digests())
         if resumed:
             self.runtime.fire(self.session_id, "resume", {"want": len(wanted)})
+            self._report("resume", {"want": len(wanted)})
         else:
             self.runtime.fire(self.session_id, "want", {"want": len(wanted), "held": total - len(wanted)})
             if wanted:
                 self.runtime.fire(self.session_id, "start", None)
+            self._report("want", {"want": len(wanted), "held": total - len(wanted)})
         moved = done = batch_chunks = batch_bytes = 0
         lock = threading.Lock()
         deadline = None if self.stream_timeout is None else time.monotonic() + self.stream_timeout
@@ -136,16 +146,19 @@ class _Session:
                             deadline_us = self.runtime.clock.now_us() + round(self.entry_timeout * 1_000_000)
                             self.runtime.fire(self.session_id, "ack", {"chunks": batch_chunks, "bytes": batch_bytes,
                                                                        "acked": done}, deadline_us=deadline_us)
+                            self._report("ack", {"chunks": batch_chunks, "bytes": batch_bytes, "acked": done})
                             batch_chunks = batch_bytes = 0
                         if self.progress is not None:
                             self.progress(done, len(wanted), moved)
         sync()
         if expired.is_set():
-            self.runtime.fire(self.session_id, "expire", {"reason": f"stream_timeout of {self.stream_timeout} s passed",
-                                                          "acked": done})
+            reason = f"stream_timeout of {self.stream_timeout} s passed"
+            self.runtime.fire(self.session_id, "expire", {"reason": reason, "acked": done})
+            self._report("fail", {"reason": reason})
             raise StreamTimeout(self.session_id, self.stream_timeout or 0.0, done, len(wanted))
-        self.runtime.fire(self.session_id, "complete", {"bytes": moved, "chunks": len(wanted),
-                                                        "skipped": total - len(wanted)})
+        summary = {"bytes": moved, "chunks": len(wanted), "skipped": total - len(wanted)}
+        self.runtime.fire(self.session_id, "complete", summary)
+        self._report("complete", summary)
         return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, resumed, total - len(wanted))
 
 
@@ -180,6 +193,7 @@ class ReceiveSession(_Session):
         resumed, finished = self._begin(manifest_digest, manifest)
         if finished and not self.store.missing(manifest.chunk_digests()):
             total = len(manifest.chunk_digests())
+            self._report("complete", {"bytes": 0, "chunks": 0, "skipped": total})  # in case the first was lost
             return manifest, StreamReport(self.session_id, manifest_digest, total, 0, 0, False, total)
         wanted = self.store.missing(manifest.chunk_digests())
         return manifest, self._transfer(manifest_digest, manifest, wanted, resumed, self._pull, self.store.sync)

@@ -170,10 +170,12 @@ def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list
 
 def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int = 0,
                  targets: list[str] | None = None, timeout: float = 0, task_name: str = "train",
-                 evaluate: str | None = None, **train_args: Any) -> dict[str, Any]:
+                 evaluate: str | None = None, model_args: dict[str, Any] | None = None,
+                 **train_args: Any) -> dict[str, Any]:
     """FedAvg on PyTorch state_dicts that travel as content-addressed chunks.
 
-    ``model`` names a function returning the initial state_dict (``package.module:function``);
+    ``model`` names a function returning the initial state_dict (``package.module:function``),
+    called with ``model_args`` (keyword arguments, e.g. layer sizes; they stay on the server);
     ``evaluate`` optionally names one scoring a state_dict (JSON metrics). Extra
     arguments (epochs, lr, ...) are passed to the sites in the task data. Each round's
     model is stored by hash, published with its address, and checkpointed, so a
@@ -184,7 +186,7 @@ def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int 
 
     state = ctl.resume_point()
     if state is None:
-        initial = load_callable(model, "model")()
+        initial = load_callable(model, "model")(**(model_args or {}))
         state = {"round": 0, "model": ctl.put_tensors(initial)}
     current = state["model"]
     for r in range(state["round"], rounds):

@@ -19,7 +19,7 @@ from engine.log.memory import MemoryRecorder
 from engine.machines.runtime import Runtime
 
 KINDS = {"job", "task", "client_task", "stream_send", "stream_receive", "swarm_round", "site", "workflow", "audit",
-         "site_task", "aux"}
+         "site_task", "aux", "task_data"}
 
 
 def moves(chart: Chart) -> set[tuple[str, str, str]]:

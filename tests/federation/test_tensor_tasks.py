@@ -109,3 +109,76 @@ def test_a_result_naming_chunks_that_were_not_uploaded_is_refused(server: FedSer
     with pytest.raises(RemoteError) as err:
         site.submit(a["task_id"], a["client_task_id"], {"model": ref(hash_bytes(raw)), "n": 1})
     assert err.value.code == "invalid_manifest" and "nbytes" in err.value.message
+
+
+def task_data_rows(server: FedServer, job_id: str) -> list[Any]:
+    return [r for r in server.recorder.machines(kind="task_data", job_id=job_id)]
+
+
+def test_task_data_is_recorded_per_site_and_released_once_every_site_has_it(
+        tmp_path: Path, server: FedServer, base: AsgiTransport, fed: Federation) -> None:
+    admin = AdminApi(base)
+    apis = {s: SiteApi(base.with_token(fed.token(s)), s) for s in SITES}
+    with agents_running(apis, tmp_path):
+        first = admin.submit_job({**cnn_job(rounds=2), "tensor_stream": {"tensor_send_timeout": 12.5}})["job_id"]
+        wait_until(lambda: admin.show_job(first)["state"] in ("finished", "failed"), timeout=120)
+        # the same starting model again: every site already holds it, so the first round is skipped
+        second = admin.submit_job(cnn_job(rounds=1))["job_id"]
+        wait_until(lambda: admin.show_job(second)["state"] in ("finished", "failed"), timeout=120)
+    assert admin.show_job(first)["state"] == admin.show_job(second)["state"] == "finished"
+    rows = task_data_rows(server, first)
+    assert [r.round for r in rows] == [0, 1] or sorted(r.round or 0 for r in rows) == [0, 1]
+    for row in rows:
+        assert row.state == "released"
+        figures = server.tensor_streamer.figures(row.machine_id.removeprefix("td:"))
+        assert figures is not None
+        assert figures["num_task_data_sent"] == 3 and figures["num_task_skipped"] == 0 and figures["missing"] == []
+        assert figures["released_us"] >= figures["start_sending_us"]
+    sessions = [r for r in server.recorder.machines(kind="stream_send", job_id=first) if r.machine_id.startswith("tss:")]
+    assert len(sessions) == 6 and {r.state for r in sessions} == {"completed"}
+    one = sessions[0].machine_id
+    trail = [e.trigger for e in server.recorder.read(machine_id=one)]
+    assert trail[:4] == ["create", "offer", "want", "start"] and "ack" in trail and trail[-1] == "complete"
+    opening = next(iter(server.recorder.read(machine_id=one))).data
+    assert isinstance(opening, dict) and opening["entry_timeout"] == 12.5
+    (again,) = task_data_rows(server, second)
+    figures = server.tensor_streamer.figures(again.machine_id.removeprefix("td:"))
+    assert figures is not None and figures["num_task_skipped"] == 3 and figures["num_task_data_sent"] == 0
+    assert server.tensor_streamer.cached_bytes == 0  # every copy was released
+
+
+def test_bad_tensor_stream_settings_are_refused_naming_the_key(server: FedServer, base: AsgiTransport) -> None:
+    admin = AdminApi(base)
+    for bad, words in (({"format": "numpy"}, "format: 'numpy' is not supported"),
+                       ({"tasks": []}, "tasks: must be a non-empty list"),
+                       ({"tensor_send_timeout": 0}, "tensor_send_timeout: must be a number of seconds > 0"),
+                       ({"chunk": 1}, "chunk: unknown key")):
+        with pytest.raises(RemoteError, match=words) as caught:
+            admin.submit_job({**cnn_job(), "tensor_stream": bad})
+        assert caught.value.status == 422
+    assert admin.list_jobs() == []
+
+
+def test_the_in_memory_copy_is_released_when_the_wait_for_all_sites_times_out(
+        tmp_path: Path, server: FedServer, base: AsgiTransport, fed: Federation) -> None:
+    from engine.server.tensor_streamer import TensorStreamConfig
+    from engine.tensors import store
+
+    model = {"w": torch.arange(4096, dtype=torch.float32)}
+    digest = store(pack(model, chunk_size=4096), server.chunks)
+    config = TensorStreamConfig(wait_send_task_data_all_clients_timeout=0.2)
+    streamer = server.tensor_streamer
+    sessions = streamer.on_dispatch(job_id=None, round=0, task_id="t1", task_name="train", client_task_id="ct1",
+                                    site="site-1", data={"model": ref(digest)}, targets=["site-1", "site-2"],
+                                    config=config)
+    assert sessions == [f"tss:ct1:{digest[:16]}"]
+    assert streamer.chunk(digest) is not None and streamer.cached_bytes > 0
+    streamer.on_report("site-1", sessions[0], "want", {"want": 4, "held": 0})
+    streamer.on_report("site-1", sessions[0], "complete", {"bytes": 16384, "chunks": 4, "skipped": 0})
+    wait_until(lambda: server.recorder.get_machine("td:t1").state == "incomplete", timeout=10)
+    streamer.sweep(force=True)
+    assert streamer.cached_bytes == 0 and streamer.chunk(digest) is None
+    figures = streamer.figures("t1")
+    assert figures is not None and figures["missing"] == ["site-2"] and figures["num_task_data_sent"] == 1
+    with pytest.raises(KeyError):
+        streamer.on_report("site-2", sessions[0], "ack", {})  # not site-2's session

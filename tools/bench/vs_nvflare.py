@@ -1,0 +1,286 @@
+"""Benchmark: the same FedAvg job in fedlog and in NVFlare 2.9's simulator, with the training floor.
+
+The job (both systems): an MLP — Linear(256→H), ReLU, (D−1)× [Linear(H→H), ReLU],
+Linear(H→10), float32 — H=1024, D=2 (1,323,018 parameters, 5.05 MiB) or H=2048,
+D=3 (8,939,530, 34.1 MiB); 2 or 4 clients; 2 or 5 rounds; each round every client
+runs 20 SGD steps (batch 64, lr 0.01) on synthetic data seeded by site and round,
+with one torch thread, on the CPU; FedAvg weighted by examples.
+
+- **fedlog**: ``fedlog simulate`` (one server process and one process per site on
+  loopback, SQLite logs, chunk stores), the ``fedavg_torch`` workflow and
+  ``engine.jobs.mlp:train``.
+- **NVFlare**: its ``FedAvgRecipe`` for PyTorch run by ``SimEnv`` (the simulator),
+  the client script using the Client API with the same compute as
+  ``engine.jobs.mlp.local_steps`` (copied below, line for line). NVFlare is *not* a
+  dependency of fedlog: the script makes its own venv (``--venv``, default
+  ``build/bench-nvflare-venv``), installs ``torch==2.13.0`` first (the CPU build, so
+  no CUDA build is pulled), then ``nvflare==2.9.0``.
+- **Floor**: all sites' local steps of all rounds run back to back in this process
+  (``serial_floor_s``); ``floor_s`` is that divided by min(cores, clients) — the time
+  the training alone needs in parallel.
+
+Wall time is the whole command (start-up included) for both; peak memory is the
+peak of the RSS summed over the command's process tree, sampled every 50 ms the same
+way for both. ``overhead_s`` = wall − floor.
+
+Usage: ``python tools/bench/vs_nvflare.py [--quick] [--out FILE] [--venv DIR]``.
+``--quick``: the 2-client, 5 MiB, 2-round configuration only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.jobs.mlp import initial_state, local_steps
+
+NVFLARE_VERSION = "2.9.0"
+TORCH_VERSION = "2.13.0"
+MODELS = {5: (1024, 2), 34: (2048, 3)}  # model MiB -> (hidden, depth)
+STEPS, BATCH, LR = 20, 64, 0.01
+
+# The NVFlare side: a model class and a client script with the same compute as engine.jobs.mlp.
+NVF_MODEL = '''
+import torch
+from torch import nn
+
+
+class MLP(nn.Module):
+    def __init__(self, hidden=1024, depth=2):
+        super().__init__()
+        layers = [nn.Linear(256, hidden), nn.ReLU()]
+        for _ in range(depth - 1):
+            layers += [nn.Linear(hidden, hidden), nn.ReLU()]
+        layers.append(nn.Linear(hidden, 10))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+'''
+
+NVF_CLIENT = '''
+import argparse
+import zlib
+
+import torch
+from torch import nn
+
+import nvflare.client as flare
+from mlp_model import MLP
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--steps", type=int, default=20)
+parser.add_argument("--batch", type=int, default=64)
+parser.add_argument("--lr", type=float, default=0.01)
+parser.add_argument("--hidden", type=int, default=1024)
+parser.add_argument("--depth", type=int, default=2)
+args = parser.parse_args()
+torch.set_num_threads(1)
+flare.init()
+site = flare.get_site_name()
+model = MLP(args.hidden, args.depth)
+while flare.is_running():
+    received = flare.receive()
+    model.load_state_dict({k: torch.as_tensor(v) for k, v in received.params.items()})
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{received.current_round}/{site}".encode()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    loss_fn = nn.CrossEntropyLoss()
+    for _ in range(args.steps):
+        x = torch.randn(args.batch, 256, generator=generator)
+        y = torch.randint(0, 10, (args.batch,), generator=generator)
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+    params = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    if not isinstance(next(iter(received.params.values())), torch.Tensor):
+        params = {k: v.numpy() for k, v in params.items()}
+    flare.send(flare.FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": args.steps * args.batch}))
+'''
+
+NVF_JOB = '''
+import sys
+sys.path.insert(0, sys.argv[1])
+from mlp_model import MLP
+from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
+from nvflare.recipe import SimEnv
+
+here, workspace, clients, rounds, hidden, depth = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
+recipe = FedAvgRecipe(name="mlp_fedavg", model=MLP(hidden, depth), min_clients=clients, num_rounds=rounds,
+                      train_script=f"{here}/client.py",
+                      train_args=f"--steps {STEPS} --batch {BATCH} --lr {LR} --hidden {hidden} --depth {depth}")
+run = recipe.execute(SimEnv(num_clients=clients, num_threads=clients, workspace_root=workspace))
+print("NVFLARE_STATUS", run.get_status() if hasattr(run, "get_status") else "done")
+'''.replace("{STEPS}", str(STEPS)).replace("{BATCH}", str(BATCH)).replace("{LR}", str(LR))
+
+
+# -- process-tree memory --------------------------------------------------------------------
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _tree(root: int) -> list[int]:
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii", errors="replace") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        out.append(pid)
+        todo.extend(parents.get(pid, ()))
+    return out
+
+
+def _rss(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/statm", encoding="ascii") as f:
+            return int(f.read().split()[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
+                 timeout: float = 1800) -> tuple[float, int, str]:
+    """Run ``cmd``; return (wall seconds, peak summed RSS of its process tree, combined output)."""
+    with tempfile.TemporaryFile() as out:
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
+        peak = 0
+        done = threading.Event()
+
+        def sample() -> None:
+            nonlocal peak
+            while not done.is_set():
+                peak = max(peak, sum(_rss(p) for p in _tree(proc.pid)))
+                done.wait(0.05)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        try:
+            rc = proc.wait(timeout)
+        finally:
+            wall = time.perf_counter() - start
+            done.set()
+            sampler.join()
+        out.seek(0)
+        text = out.read().decode(errors="replace")
+    if rc != 0:
+        raise RuntimeError(f"{cmd[:4]} exited {rc}:\n{text[-4000:]}")
+    return wall, peak, text
+
+
+# -- the three measurements -------------------------------------------------------------------
+
+def floor(clients: int, model_mib: int, rounds: int) -> tuple[float, float]:
+    """(serial floor, parallel floor) seconds: every site's local steps of every round, in this process."""
+    hidden, depth = MODELS[model_mib]
+    state = initial_state(hidden, depth)
+    start = time.perf_counter()
+    for r in range(rounds):
+        for i in range(clients):
+            local_steps(state, f"site-{i + 1}", r, STEPS, BATCH, LR)
+    serial = time.perf_counter() - start
+    return serial, serial / max(1, min(os.cpu_count() or 1, clients))
+
+
+def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path) -> tuple[float, int]:
+    hidden, depth = MODELS[model_mib]
+    spec = {"name": f"mlp-{model_mib}mib", "workflow": "fedavg_torch", "executor": "engine.jobs.mlp:train",
+            "min_sites": clients,
+            "args": {"model": "engine.jobs.mlp:initial_state", "model_args": {"hidden": hidden, "depth": depth},
+                     "rounds": rounds, "steps": STEPS, "batch": BATCH, "lr": LR}}
+    path = work / f"fedlog-{clients}-{model_mib}-{rounds}.json"
+    path.write_text(json.dumps(spec))
+    workdir = work / f"fedlog-run-{clients}-{model_mib}-{rounds}"
+    wall, peak, text = run_measured([sys.executable, "-m", "engine", "simulate", str(path), "--clients", str(clients),
+                                     "--json", "--workdir", str(workdir)])
+    summary = json.loads(text.strip().splitlines()[-1])
+    if summary.get("status") != "finished":
+        raise RuntimeError(f"fedlog job did not finish: {summary}")
+    return wall, peak
+
+
+def nvflare_venv(venv: Path) -> Path:
+    """The benchmark's own venv with torch (CPU, pinned first) and nvflare; made on first use."""
+    python = venv / "bin" / "python"
+    ready = venv / ".fedlog-bench-ready"
+    if ready.exists():
+        return python
+    print(f"setting up {venv} (torch=={TORCH_VERSION}, nvflare=={NVFLARE_VERSION}) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}"], check=True)
+    subprocess.run([*pip, f"torch=={TORCH_VERSION}", f"nvflare=={NVFLARE_VERSION}"], check=True)
+    ready.write_text("ok\n")
+    return python
+
+
+def run_nvflare(python: Path, clients: int, model_mib: int, rounds: int, work: Path) -> tuple[float, int]:
+    hidden, depth = MODELS[model_mib]
+    job = work / f"nvflare-{clients}-{model_mib}-{rounds}"
+    job.mkdir(parents=True, exist_ok=True)
+    (job / "mlp_model.py").write_text(NVF_MODEL)
+    (job / "client.py").write_text(NVF_CLIENT)
+    (job / "job.py").write_text(NVF_JOB)
+    env = {**os.environ, "PYTHONPATH": str(job), "OMP_NUM_THREADS": "1"}
+    wall, peak, text = run_measured([str(python), str(job / "job.py"), str(job), str(job / "workspace"),
+                                     str(clients), str(rounds), str(hidden), str(depth)], env=env, cwd=str(job))
+    if "NVFLARE_STATUS" not in text:
+        raise RuntimeError(f"NVFlare run did not report completion:\n{text[-3000:]}")
+    return wall, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the 2-client 5 MiB 2-round configuration only")
+    parser.add_argument("--out", help="also write the JSON here")
+    parser.add_argument("--venv", default="build/bench-nvflare-venv", help="NVFlare's own venv (made if missing)")
+    parser.add_argument("--skip-nvflare", action="store_true", help="measure fedlog and the floor only")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    configs = [(2, 5, 2)] if args.quick else [(c, m, r) for m in (5, 34) for c in (2, 4) for r in (2, 5)]
+    python = None if args.skip_nvflare else nvflare_venv(Path(args.venv).resolve())
+    results: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="fedlog-vs-nvflare-") as tmp:
+        work = Path(tmp)
+        for clients, model_mib, rounds in configs:
+            serial, par = floor(clients, model_mib, rounds)
+            f_wall, f_peak = run_fedlog(clients, model_mib, rounds, work)
+            entry: dict[str, Any] = {"clients": clients, "model_mib": model_mib, "rounds": rounds,
+                                     "serial_floor_s": round(serial, 3), "floor_s": round(par, 3),
+                                     "fedlog_wall_s": round(f_wall, 3), "fedlog_overhead_s": round(f_wall - par, 3),
+                                     "fedlog_peak_rss_bytes": f_peak}
+            if python is not None:
+                n_wall, n_peak = run_nvflare(python, clients, model_mib, rounds, work)
+                entry.update({"nvflare_wall_s": round(n_wall, 3), "nvflare_overhead_s": round(n_wall - par, 3),
+                              "nvflare_peak_rss_bytes": n_peak,
+                              "wall_speedup": round(n_wall / f_wall, 2),
+                              "overhead_ratio": round((f_wall - par) / max(1e-9, n_wall - par), 3),
+                              "memory_ratio": round(f_peak / n_peak, 3)})
+            print(json.dumps(entry), file=sys.stderr)
+            results.append(entry)
+    text = json.dumps({"configurations": results, "cores": os.cpu_count(), "nvflare": NVFLARE_VERSION,
+                       "torch": torch.__version__}, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
