@@ -8,6 +8,12 @@ reaches one. Phases:
 - ``result``: a site's result of the round was recorded, before the site got the answer;
 - ``aggregate``: the controller aggregated the round, before its result was recorded.
 
+``FEDLOG_CRASH_AFTER_APPENDS=N`` kills the process once N events it appended to its
+log are durable (counted from its start), before the code that fired them goes on:
+a random log position rather than a named point, which is how ``fedlog simulate
+--kill-server-random`` / ``--kill-client-random`` pick their instants, so that a kill
+lands inside the job however fast the job runs.
+
 Unset (the normal case) the checks cost one dictionary lookup. ``fedlog simulate
 --kill-server-at`` sets the variable for one server incarnation and restarts the
 server without it once the process died.
@@ -18,9 +24,10 @@ from __future__ import annotations
 import os
 import signal
 
-__all__ = ["CRASH_ENV", "PHASES", "crash_points", "maybe_crash"]
+__all__ = ["APPENDS_ENV", "CRASH_ENV", "PHASES", "appended", "crash_points", "maybe_crash"]
 
 CRASH_ENV = "FEDLOG_CRASH_AT"
+APPENDS_ENV = "FEDLOG_CRASH_AFTER_APPENDS"
 PHASES = ("dispatch", "result", "aggregate")
 
 
@@ -49,4 +56,26 @@ def armed() -> bool:
 def maybe_crash(round_: int | None, phase: str) -> None:
     """SIGKILL this process if ``round_.phase`` is one of its crash points."""
     if _POINTS and round_ is not None and f"{round_}.{phase}" in _POINTS:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _appends_left() -> int | None:
+    text = os.environ.get(APPENDS_ENV)
+    if not text:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{APPENDS_ENV} must be a number of events >= 1, got {text!r}")
+    return int(text)
+
+
+_APPENDS_LEFT = _appends_left()
+
+
+def appended(count: int) -> None:
+    """``count`` more events of this process are durable; SIGKILL it if that reaches its append limit."""
+    global _APPENDS_LEFT
+    if _APPENDS_LEFT is None:
+        return
+    _APPENDS_LEFT -= count
+    if _APPENDS_LEFT <= 0:
         os.kill(os.getpid(), signal.SIGKILL)

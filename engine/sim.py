@@ -8,8 +8,11 @@ its own local log, submits the job and watches it to the end. Kills are real SIG
   itself exactly there (a result recorded but not yet answered, an aggregation not yet
   recorded, ...); one point per server incarnation, in order;
 - ``kill_server_after``: SIGKILL the server that many seconds after the job was submitted;
-- ``kill_server_random`` / ``kill_client_random``: each seed picks several instants
-  (and, for clients, which site) from its own random stream, so a run is repeatable.
+- ``kill_server_random`` / ``kill_client_random``: each seed picks several kills (and,
+  for clients, which site) from its own random stream, so a run is repeatable. Each
+  kill is a random position in the victim's log: the process SIGKILLs itself once that
+  many of its events are durable (``FEDLOG_CRASH_AFTER_APPENDS``), before it acts on
+  them — a random instant of the job's life, however fast the job runs.
 
 A killed server is started again at once on the same port and log; a killed client
 too. The summary reports the job's status, rounds, wall time, traffic, each site's
@@ -23,6 +26,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -37,7 +41,7 @@ import orjson
 from engine.client.api import AdminApi
 from engine.client.transport import HttpTransport
 from engine.errors import ConfigError, EngineError, RemoteError, TransportError
-from engine.faults import CRASH_ENV, PHASES, crash_points
+from engine.faults import APPENDS_ENV, CRASH_ENV, PHASES, crash_points
 from engine.log.sql import open_recorder
 from engine.provision import SERVER_DIR, load_identity, provision
 from engine.server.serve import ServerProcess
@@ -100,8 +104,12 @@ class Simulation:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.sites = [f"site-{i}" for i in range(1, options.clients + 1)]
         self.server: ServerProcess | None = None
-        self.port = 0
-        self.url = ""
+        # a free port chosen now, so the sites can start (and import their ML stack) while the
+        # server starts; they retry with backoff until it listens
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
         self.clients: dict[str, subprocess.Popen[bytes]] = {}
         self.client_restarts = dict.fromkeys(self.sites, 0)
         self.client_stats: dict[str, dict[str, Any]] = {}
@@ -111,6 +119,13 @@ class Simulation:
         self.recovery: list[dict[str, Any]] = []
         self._env = {**os.environ}
         self._env.pop(CRASH_ENV, None)
+        self._env.pop(APPENDS_ENV, None)
+        #: random kills still to arm: (events, description), for the server and per site
+        self.server_appends: list[tuple[int, str]] = []
+        self.client_appends: dict[str, list[tuple[int, str]]] = {s: [] for s in self.sites}
+        #: what the running incarnation was armed with (reported when it dies)
+        self.server_armed: str | None = None
+        self.client_armed: dict[str, str | None] = dict.fromkeys(self.sites)
 
     # -- processes --------------------------------------------------------------------------
 
@@ -125,8 +140,14 @@ class Simulation:
                 str(self.workdir / "server.chunks"), "--host", "127.0.0.1",
                 "--port", str(self.port), "--no-tls", "--heartbeat-timeout", "30", "--dead-grace", "30"]
         env = dict(self._env)
+        self.server_armed = None
         if self.points:
             env[CRASH_ENV] = self.points[0]
+            self.server_armed = f"crash point {self.points[0]}"
+        elif self.server_appends:
+            events, how = self.server_appends.pop(0)
+            env[APPENDS_ENV] = str(events)
+            self.server_armed = how
         self.server = ServerProcess(args, env=env, module="engine.cli").start(timeout=60)
         self.port, self.url = self.server.port, self.server.url
         self.server_starts += 1
@@ -139,9 +160,19 @@ class Simulation:
                 "--backoff-cap", "0.5"]
         if self.o.executor is not None:
             argv += ["--executor-pickle", str(self.workdir / "executor.pkl")]
+        else:
+            executor = self.o.spec.get("executor")
+            if isinstance(executor, str) and ":" in executor:
+                argv += ["--preload", executor.split(":", 1)[0]]  # import the ML stack while the server starts
+        env = self._env
+        self.client_armed[site] = None
+        if self.client_appends[site]:
+            events, how = self.client_appends[site].pop(0)
+            env = {**self._env, APPENDS_ENV: str(events)}
+            self.client_armed[site] = how
         out = open(logs / f"{site}.out", "ab")  # noqa: SIM115 - lives as long as the child
         err = open(logs / f"{site}.err", "ab")  # noqa: SIM115
-        self.clients[site] = subprocess.Popen(argv, stdout=out, stderr=err, env=self._env)
+        self.clients[site] = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
         out.close()
         err.close()
 
@@ -166,16 +197,16 @@ class Simulation:
         for s in self.o.kill_server_after:
             self.kills.append(_Kill(float(s), "server", f"after {s:g} s"))
         for seed in self.o.kill_server_random:
-            rng, at = random.Random(f"server:{seed}"), 0.0
+            rng = random.Random(f"server:{seed}")
             for _ in range(KILLS_PER_SEED):
-                at += rng.uniform(0.3, 1.5)
-                self.kills.append(_Kill(at, "server", f"random (seed {seed}) at {at:.2f} s"))
+                events = rng.randint(2, 25)
+                self.server_appends.append((events, f"random (seed {seed}) after {events} appended events"))
         for seed in self.o.kill_client_random:
-            rng, at = random.Random(f"client:{seed}"), 0.0
+            rng = random.Random(f"client:{seed}")
             for _ in range(KILLS_PER_SEED):
-                at += rng.uniform(0.2, 1.5)
                 site = self.sites[rng.randrange(len(self.sites))]
-                self.kills.append(_Kill(at, site, f"random (seed {seed}) at {at:.2f} s"))
+                events = rng.randint(1, 5)
+                self.client_appends[site].append((events, f"random (seed {seed}) after {events} appended events"))
         self.kills.sort(key=lambda k: k.at_s)
 
     # -- run --------------------------------------------------------------------------------
@@ -190,10 +221,10 @@ class Simulation:
             (self.workdir / "executor.pkl").write_bytes(cloudpickle.dumps(self.o.executor))
         self._plan()
         try:
-            self._start_server()
-            self._say(f"server listening at {self.url}; starting {len(self.sites)} client(s)")
             for site in self.sites:
                 self._start_client(site)
+            self._start_server()
+            self._say(f"server listening at {self.url}; {len(self.sites)} client(s) started")
             admin = AdminApi(HttpTransport(self.url, load_identity(self.workdir / "fed" / "admin").token,
                                            timeout=30))
             job = self._retry(lambda: admin.submit_job(self.o.spec))
@@ -220,8 +251,9 @@ class Simulation:
 
     def _restart_if_dead(self) -> None:
         if self.server is not None and self.server.process is not None and self.server.process.poll() is not None:
-            point = self.points.pop(0) if self.points else None
-            how = f"crash point {point}" if point else f"exited with {self.server.process.returncode}"
+            if self.points and self.server_armed == f"crash point {self.points[0]}":
+                self.points.pop(0)
+            how = self.server_armed or f"exited with {self.server.process.returncode}"
             self.kills.append(_Kill(time.monotonic() - self.t0, "server", how, done=True))
             self._say(f"server died ({how}); restarting")
             self.server.kill()
@@ -254,7 +286,13 @@ class Simulation:
             self._restart_if_dead()
             for site, proc in self.clients.items():
                 if proc.poll() is not None:
-                    self._say(f"{site} exited with {proc.returncode}; restarting")
+                    armed = self.client_armed[site]
+                    if armed is not None and proc.returncode == -signal.SIGKILL:
+                        self.kills.append(_Kill(time.monotonic() - self.t0, site, armed, done=True))
+                        self.client_restarts[site] += 1
+                        self._say(f"{site} SIGKILLed ({armed}); restarting")
+                    else:
+                        self._say(f"{site} exited with {proc.returncode}; restarting")
                     self._start_client(site)
             try:
                 job = admin.show_job(job_id)
@@ -276,6 +314,9 @@ class Simulation:
         for proc in self.clients.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
+        if self.server is not None and self.server.process is not None and self.server.process.poll() is None:
+            # at once, not after the sites: a closing server answers their long polls, so they stop now
+            self.server.process.send_signal(signal.SIGTERM)
         for site, proc in self.clients.items():
             try:
                 proc.wait(30)
@@ -319,7 +360,12 @@ class Simulation:
                       for b in self.recovery],
             "kills": [{"target": k.target, "how": k.how, "at_s": round(k.at_s, 3)} for k in self.kills if k.done],
             "kills_not_reached": [{"target": k.target, "how": k.how} for k in self.kills if not k.done]
-            + [{"target": "server", "how": f"crash point {p}"} for p in self.points],
+            + [{"target": "server", "how": self.server_armed}] * (self.server_armed is not None
+                                                                    and "appended" in self.server_armed)
+            + [{"target": site, "how": how} for site, how in self.client_armed.items() if how is not None]
+            + [{"target": "server", "how": f"crash point {p}"} for p in self.points]
+            + [{"target": "server", "how": how} for _, how in self.server_appends]
+            + [{"target": site, "how": how} for site, left in self.client_appends.items() for _, how in left],
             "sites": {site: {"state": sites.get(site, "unknown"), "restarts": self.client_restarts[site],
                              **{k: self.client_stats.get(site, {}).get(k, 0)
                                 for k in ("executed", "submitted", "resubmitted", "dropped", "failed")}}

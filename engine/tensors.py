@@ -26,6 +26,7 @@ sizes, addresses must be well-formed; ``ManifestError`` names the bad entry.
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 import warnings
@@ -35,12 +36,11 @@ from typing import Any
 
 import numpy as np
 import orjson
-import torch
 
 from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, hash_bytes
 from engine.errors import ChunkError, ManifestError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "DTYPES", "FORMAT", "REF_KEY", "Manifest", "Packed", "TensorSpec", "has_tensors",
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT", "REF_KEY", "Manifest", "Packed", "TensorSpec", "has_tensors",
            "load", "pack", "ref", "ref_digest", "refs_in", "replace_refs", "store", "unpack"]
 
 FORMAT = "fedlog.tensors/1"
@@ -50,16 +50,51 @@ MAX_TENSORS = 1_000_000
 MAX_DIMS = 64
 PLACEHOLDER = "$tensor"
 
-_DTYPE_NAMES = (
-    "bool", "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
-    "float16", "bfloat16", "float32", "float64", "complex32", "complex64", "complex128",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
-    "float4_e2m1fn_x2", "bits8", "bits16", "bits1x8", "bits2x4", "bits4x2",
-)
-#: dtype name -> torch dtype, for the dtypes this torch has
-DTYPES: dict[str, torch.dtype] = {n: getattr(torch, n) for n in _DTYPE_NAMES if hasattr(torch, n)}
-_NAME_OF = {dtype: name for name, dtype in DTYPES.items()}
-_ITEMSIZE = {name: dtype.itemsize for name, dtype in DTYPES.items()}
+#: dtype name -> bytes per element, for every fixed-size torch dtype. Kept as a table so that
+#: reading and checking manifests (the server, chunk routes) does not import torch: torch is
+#: imported only by what makes or rebuilds tensors (a process that never does stays small).
+_ITEMSIZE = {
+    "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "int32": 4, "int64": 8, "uint16": 2, "uint32": 4, "uint64": 8,
+    "float16": 2, "bfloat16": 2, "float32": 4, "float64": 8, "complex32": 4, "complex64": 8, "complex128": 16,
+    "float8_e4m3fn": 1, "float8_e4m3fnuz": 1, "float8_e5m2": 1, "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1,
+    "float4_e2m1fn_x2": 1, "bits8": 1, "bits16": 2, "bits1x8": 1, "bits2x4": 1, "bits4x2": 1,
+}
+
+
+@functools.cache
+def _dtypes() -> dict[str, Any]:
+    """dtype name -> torch dtype, for the dtypes this torch has (imports torch)."""
+    import torch
+
+    found = {n: getattr(torch, n) for n in _ITEMSIZE if hasattr(torch, n)}
+    for name, dtype in found.items():
+        if dtype.itemsize != _ITEMSIZE[name]:  # pragma: no cover - a torch that changed a dtype's size
+            raise RuntimeError(f"torch.{name} has {dtype.itemsize} bytes per element, fedlog expects {_ITEMSIZE[name]}")
+    return found
+
+
+@functools.cache
+def _names() -> dict[Any, str]:
+    return {dtype: name for name, dtype in _dtypes().items()}
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DTYPES":  # dtype name -> torch dtype (imports torch on first use)
+        return _dtypes()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+#: the dtypes numpy has, by fedlog name: payloads of these can be read and made without torch
+_NUMPY = {name: np.dtype(name) for name in ("bool", "uint8", "int8", "int16", "int32", "int64", "uint16",
+                                            "uint32", "uint64", "float16", "float32", "float64", "complex64",
+                                            "complex128")}
+_NUMPY_NAME = {dtype: name for name, dtype in _NUMPY.items()}
+
+
+def _is_tensor(value: Any) -> bool:
+    """A torch tensor? (Without importing torch: if torch is not loaded, nothing is a tensor.)"""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(value, torch.Tensor)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,7 +188,7 @@ def _check_tensor(i: int, t: Any) -> TensorSpec:
     name, dtype, shape = t.get("name"), t.get("dtype"), t.get("shape")
     if not isinstance(name, str):
         raise ManifestError(f"{where}.name", f"must be a string, got {name!r}")
-    if dtype not in DTYPES:
+    if dtype not in _ITEMSIZE:
         raise ManifestError(f"{where}.dtype", f"{dtype!r} is not a supported dtype")
     if not isinstance(shape, list) or len(shape) > MAX_DIMS or not all(
             isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
@@ -207,7 +242,15 @@ class Packed:
         return self.manifest.digest
 
 
-def _byte_view(t: torch.Tensor) -> tuple[memoryview, Any]:
+def _array_view(a: np.ndarray[Any, Any]) -> tuple[memoryview, Any]:
+    native = a.astype(a.dtype.newbyteorder("="), copy=False)
+    flat = np.ascontiguousarray(native).reshape(-1).view(np.uint8)
+    return flat.data, flat
+
+
+def _byte_view(t: Any) -> tuple[memoryview, Any]:
+    import torch
+
     flat = t.detach()
     if flat.device.type != "cpu":
         flat = flat.cpu()
@@ -226,13 +269,14 @@ def pack(payload: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE, chunk_sizes: dic
     keep: list[Any] = []
 
     def visit(node: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(node, torch.Tensor):
+        is_array = isinstance(node, np.ndarray)
+        if is_array or _is_tensor(node):
             name = "/".join(path)
-            dtype = _NAME_OF.get(node.dtype)
+            dtype = _NUMPY_NAME.get(node.dtype.newbyteorder("=")) if is_array else _names().get(node.dtype)
             if dtype is None:
                 raise ManifestError(name or "(root)", f"dtype {node.dtype} cannot be packed (quantized or sub-byte)")
             size = overrides.pop(name, chunk_size)
-            view, array = _byte_view(node)
+            view, array = _array_view(node) if is_array else _byte_view(node)
             keep.append(array)
             digests = []
             for offset in range(0, len(view), size):
@@ -265,15 +309,35 @@ def pack(payload: Any, *, chunk_size: int = DEFAULT_CHUNK_SIZE, chunk_sizes: dic
     return Packed(Manifest(skeleton, tuple(specs), sys.byteorder), chunks, keep)
 
 
-def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview]) -> Any:
-    """Rebuild the payload: allocate each tensor once, copy its chunks in (each checked for length)."""
-    tensors: list[torch.Tensor] = []
+def _empty_tensor(i: int, spec: TensorSpec) -> tuple[Any, np.ndarray[Any, Any]]:
+    import torch
+
+    dtypes = _dtypes()
+    if spec.dtype not in dtypes:
+        raise ManifestError(f"tensors[{i}].dtype", f"{spec.dtype!r} is not a dtype of this torch ({torch.__version__})")
+    with warnings.catch_warnings():  # complex32 allocations warn that the dtype is experimental
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.empty(spec.shape, dtype=dtypes[spec.dtype])
+    return tensor, tensor.reshape(-1).view(torch.uint8).numpy()
+
+
+def _empty_array(spec: TensorSpec) -> tuple[Any, np.ndarray[Any, Any]]:
+    array = np.empty(spec.shape, dtype=_NUMPY[spec.dtype])
+    return array, array.reshape(-1).view(np.uint8)
+
+
+def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview], *, arrays: bool = False) -> Any:
+    """Rebuild the payload: allocate each tensor once, copy its chunks in (each checked for length).
+
+    ``arrays``: numpy arrays instead of torch tensors when numpy has every dtype of the
+    payload (the server aggregates this way without importing torch); otherwise tensors.
+    The bytes, and so the address of a payload packed from them again, are the same.
+    """
+    as_arrays = arrays and all(spec.dtype in _NUMPY for spec in manifest.tensors)
+    tensors: list[Any] = []
     for i, spec in enumerate(manifest.tensors):
-        with warnings.catch_warnings():  # complex32 allocations warn that the dtype is experimental
-            warnings.simplefilter("ignore", UserWarning)
-            tensor = torch.empty(spec.shape, dtype=DTYPES[spec.dtype])
+        tensor, target = _empty_array(spec) if as_arrays else _empty_tensor(i, spec)
         if spec.nbytes:
-            target = tensor.reshape(-1).view(torch.uint8).numpy()
             for digest, offset, length in spec.chunk_lengths():
                 data = get_chunk(digest)
                 if len(data) != length:
@@ -305,9 +369,9 @@ def store(packed: Packed, chunk_store: ChunkStore) -> str:
     return digest
 
 
-def load(chunk_store: ChunkStore, manifest_digest: str) -> Any:
+def load(chunk_store: ChunkStore, manifest_digest: str, *, arrays: bool = False) -> Any:
     """The payload whose manifest is stored under ``manifest_digest`` (chunks verified on read)."""
-    return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), chunk_store.get)
+    return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), chunk_store.get, arrays=arrays)
 
 
 # -- references: how JSON (task data, results, events) points at a packed payload ---------------
@@ -361,7 +425,7 @@ def replace_refs(value: Any, fn: Callable[[str], Any]) -> Any:
 
 def has_tensors(value: Any) -> bool:
     """True if ``value`` holds a tensor anywhere (dicts and lists are searched)."""
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, np.ndarray) or _is_tensor(value):
         return True
     if isinstance(value, dict):
         return any(has_tensors(v) for v in value.values())

@@ -8,9 +8,11 @@ and computed result, so a restarted client re-submits instead of recomputing.
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--executor-pickle", metavar="FILE", type=Path,
                         help="a cloudpickled executor written by a simulation this same user started "
                              "(trusted local files only; never use one from elsewhere)")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="import MODULE in the background at start (e.g. the job's executor module, so "
+                             "torch is loaded before the first task arrives); repeatable")
     parser.add_argument("--poll-wait", type=float, default=20.0, help="seconds a poll waits for work")
     parser.add_argument("--backoff-cap", type=float, default=5.0,
                         help="longest wait between reconnection attempts, seconds (default 5)")
@@ -58,8 +63,22 @@ def _executor(args: argparse.Namespace) -> Executor | None:
     return None
 
 
+def _preload(modules: list[str]) -> None:
+    """Import ``modules`` on a background thread (the first task's import waits for it, not longer)."""
+    def run() -> None:
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - a warm-up only: the task reports the real error
+                logger.warning("--preload %s failed: %s", name, exc)
+
+    if modules:
+        threading.Thread(target=run, name="preload", daemon=True).start()
+
+
 def cmd_client(args: argparse.Namespace) -> int:
     """Run the site agent until stopped; print its counts as one JSON line at the end."""
+    _preload(args.preload)
     transport, site = transport_for(args.identity, args.server)
     log = args.log or str(Path(args.identity) / "site.db")
     agent = SiteAgent(SiteApi(transport, site), log, executor=_executor(args), poll_wait=args.poll_wait,

@@ -75,5 +75,5 @@ def cmd_server(args: argparse.Namespace) -> int:
         sys.stdout.write(orjson.dumps(line).decode() + "\n")
         sys.stdout.flush()
 
-    serve_forever(server.app, options, ready)
+    serve_forever(server.app, options, ready, on_exit=server.begin_closing)
     return 0

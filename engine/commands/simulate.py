@@ -42,9 +42,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--kill-server-after", action="append", type=float, default=[], metavar="SECONDS",
                         help="SIGKILL the server this long after submission; repeatable")
     parser.add_argument("--kill-server-random", action="append", type=int, default=[], metavar="SEED",
-                        help="SIGKILL the server at several random instants chosen by SEED; repeatable")
+                        help="SIGKILL the server at several random log positions chosen by SEED; repeatable")
     parser.add_argument("--kill-client-random", action="append", type=int, default=[], metavar="SEED",
-                        help="SIGKILL random sites at random instants chosen by SEED; repeatable")
+                        help="SIGKILL random sites at random log positions chosen by SEED; repeatable")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     parser.set_defaults(func=cmd_simulate)
 

@@ -13,6 +13,7 @@ import logging
 import threading
 from typing import Any
 
+from engine import faults
 from engine.errors import StoreError
 from engine.log.recorder import AppendResult, EventRecorder, NewEvent
 
@@ -115,6 +116,7 @@ class GroupCommitter:
                 batch.results = results
                 self.batches += 1
                 self.events += len(batch.events)
+                faults.appended(len(batch.events))  # a crash test's kill at a log position
             except BaseException as exc:  # surfaced to every waiting caller
                 logger.error("group commit of %d event(s) failed: %s", len(batch.events), exc)
                 batch.error = exc

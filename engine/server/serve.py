@@ -97,9 +97,19 @@ def _url(options: ServeOptions, port: int) -> str:
 class _Server(uvicorn.Server):
     """uvicorn's server, telling us when it accepts connections."""
 
-    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None]) -> None:
+    def __init__(self, config: uvicorn.Config, on_ready: Callable[[], None],
+                 on_exit: Callable[[], None] | None = None) -> None:
         super().__init__(config)
         self._on_ready = on_ready
+        self._on_exit = on_exit
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        if self._on_exit is not None and not self.should_exit:
+            try:  # a signal handler interrupts the loop's thread: run the hook as a loop callback
+                asyncio.get_running_loop().call_soon_threadsafe(self._on_exit)
+            except RuntimeError:
+                self._on_exit()
+        super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -121,18 +131,21 @@ def _config(app: App, options: ServeOptions) -> uvicorn.Config:
     )
 
 
-def serve_forever(app: App, options: ServeOptions, on_ready: Callable[[str], None] | None = None) -> None:
+def serve_forever(app: App, options: ServeOptions, on_ready: Callable[[str], None] | None = None,
+                  on_exit: Callable[[], None] | None = None) -> None:
     """Serve ``app`` in this thread until SIGINT/SIGTERM (graceful shutdown).
 
     Args:
         app: the ASGI app.
         options: address, TLS and limits.
         on_ready: called with the server URL once connections are accepted.
+        on_exit: called on the serving loop when the stop signal arrives, before open
+            requests are drained (to answer long polls at once).
     """
     config = _config(app, options)
     sock = bind_socket(options.host, options.port, options.backlog)
     url = _url(options, sock.getsockname()[1])
-    server = _Server(config, lambda: on_ready(url) if on_ready else None)
+    server = _Server(config, lambda: on_ready(url) if on_ready else None, on_exit)
     try:
         server.run(sockets=[sock])
     finally:

@@ -157,11 +157,20 @@ class FedServer:
                                report.timers_armed, len(self.site_names), min(live) if live else None)
         logger.info("boot: %s", self.boot)
 
+    def begin_closing(self) -> None:
+        """Answer every waiting long poll now (the process is stopping), before connections drain.
+
+        Called on the server's loop when SIGTERM/SIGINT arrives: the HTTP server waits for
+        open requests before the app's shutdown runs, and a long poll would hold it for
+        its whole wait.
+        """
+        self.closing = True
+        self.manager._work_changed()
+        self.aux.release()
+
     async def shutdown(self) -> None:
         """Stop the jobs and the task manager; close the log (a restart resumes from it)."""
-        self.closing = True
-        self.manager._work_changed()  # release long polls
-        self.aux.release()
+        self.begin_closing()
         await self.jobs.close()
         await self.manager.aclose()
         self.runtime.close()

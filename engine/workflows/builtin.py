@@ -141,17 +141,42 @@ def cyclic(ctl: Controller, model: Model, rounds: int = 1, targets: list[str] | 
 def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list[str], float]:
     """The n-weighted mean of sites' state_dicts, summed in site order in float64 (reproducible).
 
-    ``updates``: site -> ``{"model": state_dict, "n": examples}``. Returns (mean state_dict
-    in each tensor's dtype, the sites counted, total n).
+    ``updates``: site -> ``{"model": state_dict, "n": examples}``, the values numpy arrays
+    (the server's way, no torch) or torch tensors. Returns (mean state_dict in each
+    tensor's dtype, the sites counted, total n). Both kinds give the same bits: each
+    value is widened to float64, multiplied by n and added in site order, divided by the
+    total and rounded back to its dtype, as IEEE 754 prescribes for either library.
     """
-    import torch
+    import numpy as np
 
     if not updates:
         raise TaskError("results", "no site returned a model")
     sites = sorted(updates)
     first = updates[sites[0]]["model"]
+    arrays = isinstance(first, dict) and all(isinstance(v, np.ndarray) for v in first.values())
+    if arrays:
+        def zeros(v: Any) -> Any:
+            return np.zeros(v.shape, dtype=np.float64)
+
+        def widen(v: Any) -> Any:
+            return v.astype(np.float64)
+
+        def narrow(s: Any, like: Any) -> Any:
+            return np.asarray(s / total).astype(like.dtype)
+    else:
+        import torch
+
+        def zeros(v: Any) -> Any:
+            return torch.zeros(v.shape, dtype=torch.float64)
+
+        def widen(v: Any) -> Any:
+            return v.to(torch.float64)
+
+        def narrow(s: Any, like: Any) -> Any:
+            return (s / total).to(like.dtype)
+
     total = 0.0
-    sums = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in first.items()}
+    sums = {k: zeros(v) for k, v in first.items()}
     for site in sites:
         update = updates[site]
         n: Any = update.get("n", 1) if isinstance(update, dict) else None
@@ -160,12 +185,15 @@ def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list
             raise TaskError("results", f"{site}'s update must be {{'model': state_dict with the global keys, "
                                        f"'n': examples > 0}}")
         for key, value in model.items():
+            if type(value) is not type(first[key]):
+                raise TaskError("results", f"{site}'s {key} is a {type(value).__name__}, the first site's a "
+                                           f"{type(first[key]).__name__}")
             if value.shape != first[key].shape:
                 raise TaskError("results", f"{site}'s {key} has shape {tuple(value.shape)}, "
                                            f"expected {tuple(first[key].shape)}")
-            sums[key] += float(n) * value.to(torch.float64)
+            sums[key] += float(n) * widen(value)
         total += float(n)
-    return {k: (s / total).to(first[k].dtype) for k, s in sums.items()}, sites, total
+    return {k: narrow(s, first[k]) for k, s in sums.items()}, sites, total
 
 
 def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int = 0,
@@ -181,25 +209,23 @@ def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int 
     model is stored by hash, published with its address, and checkpointed, so a
     restarted job replays at most the round in progress and ends with the same model hash.
     """
-    from engine.client.executor import load_callable
     from engine.tensors import ref_digest
 
     state = ctl.resume_point()
     if state is None:
-        initial = load_callable(model, "model")(**(model_args or {}))
-        state = {"round": 0, "model": ctl.put_tensors(initial)}
+        state = {"round": 0, "model": ctl.make_tensors(model, model_args)}
     current = state["model"]
     for r in range(state["round"], rounds):
         ctl.logger.info("round %d: broadcasting %r", r, task_name)
         outcome = ctl.broadcast_and_wait(
             Task(task_name, data={"round": r, "model": current, **train_args}, timeout=timeout),
             targets=targets, min_responses=min_clients)
-        updates = ctl.load_tensors(outcome.by_site())
+        updates = ctl.load_tensors(outcome.by_site(), arrays=True)
         mean, sites, total = weighted_mean_tensors(updates)
         current = ctl.put_tensors(mean)
         ctl.publish({"model_hash": ref_digest(current), "sites": sites, "n": total}, round=r)
         ctl.checkpoint({"round": r + 1, "model": current})
     result: dict[str, Any] = {"model": current, "model_hash": ref_digest(current)}
     if evaluate is not None:
-        result["metrics"] = load_callable(evaluate, "evaluate")(ctl.load_tensors(current))
+        result["metrics"] = ctl.call_on_tensors(evaluate, current)
     return result

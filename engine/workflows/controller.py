@@ -48,7 +48,7 @@ from engine.errors import EngineError, NondeterminismError, TaskError
 from engine.log.recorder import EventRecorder
 from engine.tasks import Task, TaskCompletionStatus, TaskManager, TaskOutcome
 from engine.tasks.spec import BROADCAST, METHODS, RELAY, SEND, SendOrder, as_json
-from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, replace_refs
+from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, ref_digest, replace_refs
 from engine.tensors import load as tensor_load
 from engine.tensors import store as tensor_store
 
@@ -322,10 +322,32 @@ class Controller:
         """
         return ref(tensor_store(pack(payload, chunk_size=chunk_size), self._chunks()))
 
-    def load_tensors(self, value: Any) -> Any:
-        """``value`` with every tensor reference replaced by its payload, read (verified) from the store."""
+    def load_tensors(self, value: Any, *, arrays: bool = False) -> Any:
+        """``value`` with every tensor reference replaced by its payload, read (verified) from the store.
+
+        ``arrays``: numpy arrays where numpy has the dtypes (aggregation without torch).
+        """
         chunks = self._chunks()
-        return replace_refs(value, lambda digest: tensor_load(chunks, digest))
+        return replace_refs(value, lambda digest: tensor_load(chunks, digest, arrays=arrays))
+
+    def make_tensors(self, fn: str, kwargs: dict[str, Any] | None = None) -> dict[str, str]:
+        """Store the payload ``fn(**kwargs)`` returns (``package.module:function``); return its reference.
+
+        When torch is not loaded in this process the function runs in a child process
+        (``engine.workflows.isolated``): building a model needs torch, the server does not.
+        """
+        from engine.workflows.isolated import make_payload
+
+        return ref(make_payload(fn, kwargs or {}, self._chunks()))
+
+    def call_on_tensors(self, fn: str, value: Any) -> Any:
+        """JSON ``fn(payload)`` for a stored payload (e.g. evaluating a model), isolated like ``make_tensors``."""
+        from engine.workflows.isolated import call_on_payload
+
+        digest = ref_digest(value)
+        if digest is None:
+            raise EngineError(f"call_on_tensors needs a tensor reference, got {_short(value)}")
+        return call_on_payload(fn, digest, self._chunks())
 
     def _chunks(self) -> Any:
         store = getattr(self.manager, "chunk_store", None)

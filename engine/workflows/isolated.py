@@ -1,0 +1,110 @@
+"""Run a payload-building or payload-reading function in a child process, so the server stays torch-free.
+
+The server aggregates with numpy (``load_tensors(..., arrays=True)``), but making the
+initial model or scoring the final one calls user functions that need torch, and a
+process that imports torch keeps ~250 MB more resident for the rest of its life. When
+torch is not loaded here, such a call runs in ``python -m engine.workflows.isolated``:
+payloads cross as a folder holding the manifest and its chunks (verified by address
+when they come back), results as JSON. When torch is already loaded (tests, an
+in-process server) the function runs here, with the same result: a payload's address
+depends only on its bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engine.chunks import ChunkStore
+from engine.client.executor import load_callable
+from engine.errors import EngineError
+from engine.tensors import Manifest, pack, unpack
+from engine.tensors import store as store_packed
+
+__all__ = ["call_on_payload", "make_payload"]
+
+#: set to 0 to run such functions in this process even when torch is not loaded
+ENV = "FEDLOG_ISOLATE_TORCH"
+
+
+def _isolate(asked: bool | None) -> bool:
+    if asked is not None:
+        return asked
+    return "torch" not in sys.modules and os.environ.get(ENV, "1") != "0"
+
+
+def _write(folder: Path, manifest: Manifest, get_chunk: Any) -> None:
+    (folder / "manifest").write_bytes(manifest.to_bytes())
+    with open(folder / "chunks", "wb") as out:
+        for digest in dict.fromkeys(manifest.chunk_digests()):
+            out.write(get_chunk(digest))
+
+
+def _read(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
+    manifest = Manifest.from_bytes((folder / "manifest").read_bytes())
+    data = (folder / "chunks").read_bytes()
+    chunks, offset = {}, 0
+    lengths = {d: length for spec in manifest.tensors for d, _, length in spec.chunk_lengths()}
+    for digest in dict.fromkeys(manifest.chunk_digests()):
+        chunks[digest] = data[offset:offset + lengths[digest]]
+        offset += lengths[digest]
+    return manifest, chunks
+
+
+def _run(args: list[str], what: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "engine.workflows.isolated", *args], capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
+        raise EngineError(f"{what} failed in its child process (exit {done.returncode}): " + " | ".join(tail))
+
+
+def make_payload(fn: str, kwargs: dict[str, Any], store: ChunkStore, *, isolate: bool | None = None) -> str:
+    """Store ``fn(**kwargs)`` (a payload holding tensors) in ``store``; return its manifest address.
+
+    ``isolate``: run ``fn`` in a child process (None: when torch is not loaded here).
+    """
+    if not _isolate(isolate):
+        return store_packed(pack(load_callable(fn, "model")(**kwargs)), store)
+    with tempfile.TemporaryDirectory(prefix="fedlog-isolated-") as tmp:
+        _run(["make", fn, json.dumps(kwargs), tmp], f"{fn}(**{kwargs!r})")
+        manifest, chunks = _read(Path(tmp))
+    for digest in store.missing(list(chunks)):
+        store.put(digest, chunks[digest])  # verified against the address
+    manifest_bytes = manifest.to_bytes()
+    store.put(manifest.digest, manifest_bytes)
+    store.sync()
+    return manifest.digest
+
+
+def call_on_payload(fn: str, digest: str, store: ChunkStore, *, isolate: bool | None = None) -> Any:
+    """JSON ``fn(payload)`` for the payload stored under ``digest`` (``isolate`` as for ``make_payload``)."""
+    manifest = Manifest.from_bytes(store.get(digest))
+    if not _isolate(isolate):
+        return load_callable(fn, "function")(unpack(manifest, store.get))
+    with tempfile.TemporaryDirectory(prefix="fedlog-isolated-") as tmp:
+        _write(Path(tmp), manifest, store.get)
+        _run(["call", fn, tmp], f"{fn}(payload {digest[:16]})")
+        return json.loads((Path(tmp) / "result.json").read_text())
+
+
+def main(argv: list[str]) -> None:
+    """The child: ``make FN KWARGS_JSON DIR`` or ``call FN DIR``."""
+    if argv[0] == "make":
+        fn, kwargs, folder = argv[1], json.loads(argv[2]), Path(argv[3])
+        packed = pack(load_callable(fn, "model")(**kwargs))
+        _write(folder, packed.manifest, lambda d: packed.chunks[d])
+    else:
+        fn, folder = argv[1], Path(argv[2])
+        manifest, chunks = _read(folder)
+        result = load_callable(fn, "function")(unpack(manifest, chunks.__getitem__))
+        (folder / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
