@@ -8,6 +8,7 @@ unreachable PostgreSQL fails the run: CI must never pass by skipping them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -33,9 +34,9 @@ def _pg_admin_url() -> str:
     return url
 
 
-@pytest.fixture
-def pg_url() -> Iterator[str]:
-    """URL of a fresh, empty PostgreSQL database, dropped after the test."""
+@contextlib.contextmanager
+def fresh_pg_database() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database's URL, dropped afterwards (skip or, in CI, fail without one)."""
     import psycopg
     from sqlalchemy.engine import make_url
 
@@ -53,6 +54,13 @@ def pg_url() -> Iterator[str]:
     finally:
         with psycopg.connect(admin.render_as_string(hide_password=False), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """URL of a fresh, empty PostgreSQL database, dropped after the test."""
+    with fresh_pg_database() as url:
+        yield url
 
 
 @pytest.fixture

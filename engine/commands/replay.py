@@ -1,8 +1,16 @@
-"""``fedlog replay DB [--machine ID] [--until SEQ|TIME] [--verify] [--charts DIR]``.
+"""``fedlog replay``: machine states from the log, and a job's history for debugging its rounds.
 
-Rebuilds machine states by folding the log's events, prints them as a table with a
-summary line, and with ``--verify`` checks every event against the chart version it
-was written under and the projection against the fold (exit status 1 on any problem).
+- ``fedlog replay DB [--machine ID] [--until SEQ|TIME] [--verify] [--charts DIR]``: fold the
+  log's events into machine states and print them; ``--verify`` checks every event
+  against the chart version it was written under and the projection against the fold
+  (exit status 1 on any problem).
+- ``fedlog replay DB --job J [--round R]``: the job's timeline, lane per site and per
+  server machine kind, gaps and timeouts marked (``engine.history.timeline``);
+  ``--at SEQ|TIME`` the state of every machine of the job at that point;
+  ``--export trace.json`` (Chrome trace events) or ``--export report.html``;
+  ``--round R --aggregate`` re-runs the round's aggregation from the stored chunks and
+  compares the model hash with the recorded one (exit 1 on a mismatch).
+- ``fedlog replay diff DB1 DB2 --job J``: the first point where two runs diverge.
 """
 
 from __future__ import annotations
@@ -10,10 +18,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 from engine.charts.loader import load_charts
-from engine.errors import UnknownMachine
+from engine.clock import format_us
+from engine.errors import ConfigError, UnknownMachine
 from engine.history.access import open_log
 from engine.history.render import STATE_COLUMNS, state_row, write_table
 from engine.history.replay import Until, fold, parse_until
@@ -38,8 +48,21 @@ def register(sub: Any) -> None:
             "is listed and the exit status is 1."
         ),
     )
-    parser.add_argument("db", metavar="DB", help="SQLite path or SQLAlchemy URL of an existing log")
+    parser.add_argument("db", metavar="DB", help="SQLite path or SQLAlchemy URL of an existing log "
+                                                 "('diff' to compare two logs: fedlog replay diff DB1 DB2 --job J)")
+    parser.add_argument("more", metavar="DB2", nargs="*", help=argparse.SUPPRESS)
     parser.add_argument("--machine", metavar="ID", help="replay only this machine")
+    parser.add_argument("--job", metavar="J", help="show this job's timeline (or, with --at, its machines)")
+    parser.add_argument("--round", metavar="R", type=int, help="with --job: only this round")
+    parser.add_argument("--at", metavar="SEQ|TIME", help="with --job: every machine's state at this point")
+    parser.add_argument("--export", metavar="FILE",
+                        help="with --job: write a Chrome trace (FILE.json) or a self-contained HTML report (FILE.html)")
+    parser.add_argument("--aggregate", action="store_true",
+                        help="with --job and --round: re-run the round's aggregation from the stored chunks and "
+                             "check the model hash against the recorded one")
+    parser.add_argument("--chunks", metavar="DIR", help="the server's chunk store (default: DB.chunks)")
+    parser.add_argument("--gap", metavar="SECONDS", type=float, default=1.0,
+                        help="mark an event that comes this long after the previous one on its lane (default 1)")
     parser.add_argument(
         "--until", metavar="SEQ|TIME",
         help="stop after this sequence number (an integer) or this ISO 8601 time (inclusive)",
@@ -107,6 +130,18 @@ def _summary(events: int, machines: int, until: Until | None, elapsed: float) ->
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Run ``fedlog replay``; return 1 when verification found problems, else 0."""
+    if args.db == "diff":
+        return _diff(args)
+    if args.more:
+        raise ConfigError(f"unexpected argument(s) {' '.join(args.more)!r} (two logs are compared with "
+                          "'fedlog replay diff DB1 DB2 --job J')")
+    if args.job is not None:
+        return _job(args)
+    for flag in ("round", "at", "export"):
+        if getattr(args, flag) is not None:
+            raise ConfigError(f"--{flag} needs --job J")
+    if args.aggregate:
+        raise ConfigError("--aggregate needs --job J --round R")
     until = parse_until(args.until) if args.until is not None else None
     charts = load_charts(args.charts)
     out = sys.stdout
@@ -154,3 +189,78 @@ def _print_states(states: dict[str, MachineState], out: TextIO) -> None:
         out.write("no machines\n")
         return
     write_table(STATE_COLUMNS, (state_row(s) for s in states.values()), out, footer=False)
+
+
+def _diff(args: argparse.Namespace) -> int:
+    from engine.history.diff import first_divergence
+
+    if len(args.more) != 2 or args.job is None:
+        raise ConfigError("usage: fedlog replay diff DB1 DB2 --job J")
+    with open_log(args.more[0]) as left, open_log(args.more[1]) as right:
+        found = first_divergence(left, right, args.job)
+    if found is None:
+        print(f"job {args.job}: the two runs agree, machine by machine (times aside)")
+        return 0
+    print(found.describe())
+    return 1
+
+
+def _job(args: argparse.Namespace) -> int:
+    from engine.history import timeline as tl
+
+    with open_log(args.db) as log:
+        progress = ProgressLine(sys.stderr, log.last_seq(), PROGRESS_EVERY) if sys.stderr.isatty() else None
+        try:
+            timeline = tl.load_timeline(log, args.job, progress=progress)
+        finally:
+            if progress is not None:
+                progress.done()
+        if not timeline.events:
+            raise ConfigError(f"no events of job {args.job!r} in {args.db}")
+        if args.aggregate:
+            return _aggregate(args, log)
+    out = sys.stdout
+    if args.export is not None:
+        path = Path(args.export)
+        if path.suffix not in (".json", ".html"):
+            raise ConfigError(f"--export {path}: the file must end in .json (Chrome trace) or .html (report)")
+        with open(path, "w", encoding="utf-8") as fh:
+            if path.suffix == ".json":
+                count = tl.write_trace(timeline, fh)
+                what = f"{count:,} trace events (open in Perfetto or chrome://tracing)"
+            else:
+                tl.write_html(timeline, fh)
+                what = "an HTML report"
+        print(f"wrote {path}: {what}", file=sys.stderr)
+        return 0
+    if args.at is not None:
+        until = parse_until(args.at)
+        states = tl.state_at(timeline, until_seq=until.seq, until_us=until.ts_us)
+        rows = [(e.machine_id, e.kind, e.dest, e.trigger, e.seq, format_us(e.ts_us), e.round, e.site or "")
+                for e in sorted(states.values(), key=lambda e: e.machine_id)]
+        write_table(("machine", "kind", "state", "by", "seq", "since", "round", "site"), rows, out)
+        return 0
+    tl.write_terminal(timeline, out, round_=args.round, gap_s=args.gap, color=out.isatty())
+    return 0
+
+
+def _aggregate(args: argparse.Namespace, log: Any) -> int:
+    from engine.chunks import LocalChunkStore
+    from engine.history.reaggregate import reaggregate
+    from engine.log.target import is_sqlite, sqlite_path, to_url
+
+    if args.round is None:
+        raise ConfigError("--aggregate needs --round R")
+    directory = args.chunks
+    if directory is None:
+        url = to_url(args.db)
+        path = sqlite_path(url) if is_sqlite(url) else None
+        if path is None:
+            raise ConfigError("give the server's chunk store with --chunks DIR (it cannot be found from a URL)")
+        directory = f"{path}.chunks"
+    if not Path(directory).is_dir():
+        raise ConfigError(f"no chunk store at {directory} (give it with --chunks DIR)")
+    with LocalChunkStore(directory) as chunks:
+        report = reaggregate(log, chunks, args.job, args.round)
+    print(report.describe())
+    return 0 if report.matches else 1

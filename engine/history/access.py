@@ -60,17 +60,24 @@ def open_log(target: str | Path | URL) -> SqlRecorder:
     return SqlRecorder(url, auto_upgrade=False)
 
 
-def query_engine(target: str | Path | URL) -> Engine:
+def query_engine(target: str | Path | URL, *, read_only: bool = False) -> Engine:
     """An engine on an existing database for ad-hoc queries, with transactional DDL.
 
     SQLite files are opened with ``mode=rw`` so even a file removed since the check
     is never created again. The stdlib driver normally starts no transaction before
     DDL (a ``CREATE`` would commit at once); here every statement runs inside the
     transaction the caller begins, so rolling it back undoes everything.
+    ``read_only``: the database itself refuses writes (SQLite ``query_only``,
+    PostgreSQL ``READ ONLY`` transactions), whatever the statement looks like.
     """
     url = existing_url(target)
     if not is_sqlite(url):
-        return create_engine(url, poolclass=pool.NullPool)
+        engine = create_engine(url, poolclass=pool.NullPool)
+        if read_only:
+            @event.listens_for(engine, "begin")
+            def _read_only(conn: Connection) -> None:
+                conn.exec_driver_sql("SET TRANSACTION READ ONLY")
+        return engine
     path = sqlite_path(url)
     assert path is not None  # existing_url refused in-memory databases
     uri = path.resolve().as_uri() + "?mode=rw"
@@ -78,6 +85,8 @@ def query_engine(target: str | Path | URL) -> Engine:
     def connect() -> sqlite3.Connection:
         conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=10000")
+        if read_only:
+            conn.execute("PRAGMA query_only=1")
         return conn
 
     engine = create_engine("sqlite+pysqlite://", creator=connect, poolclass=pool.NullPool)

@@ -26,7 +26,31 @@ from engine.errors import ConfigError, StoreError
 from engine.history.access import query_engine
 from engine.log.target import describe, to_url
 
-__all__ = ["QueryResult", "query", "run_query"]
+__all__ = ["QueryResult", "ReadOnlyRefused", "is_read_only", "list_views", "query", "run_query"]
+
+#: statements that write, by their first keyword (anything else goes to a read-only database)
+_WRITING = frozenset({"insert", "update", "delete", "create", "drop", "alter", "replace", "truncate", "grant",
+                      "revoke", "vacuum", "reindex", "attach", "detach", "copy", "merge", "comment", "cluster",
+                      "refresh", "analyze", "lock", "upsert", "rename"})
+
+
+class ReadOnlyRefused(ConfigError):
+    """A statement that would write, without ``write=True``; nothing was run."""
+
+
+def is_read_only(sql: str) -> bool:
+    """False when ``sql`` plainly writes, judged by its first keyword (the database enforces read-only besides)."""
+    text = sql.strip()
+    while text.startswith(("--", "/*")):  # leading comments
+        if text.startswith("--"):
+            text = text.partition("\n")[2].strip()
+        else:
+            text = text.partition("*/")[2].strip()
+    words = text.split(None, 1)
+    first = words[0].lower().rstrip(";") if words else ""
+    if first == "pragma":
+        return "=" not in text  # PRAGMA name reads; PRAGMA name = value writes
+    return first not in _WRITING
 
 
 @dataclass
@@ -76,7 +100,11 @@ def run_query(target: str | Path | URL, sql: str, *, write: bool = False) -> Ite
     """
     if not sql.strip():
         raise ConfigError("empty query: give one SQL statement, e.g. \"SELECT * FROM machines\"")
-    engine = query_engine(target)
+    if not write and not is_read_only(sql):
+        first = sql.strip().split(None, 1)[0].upper()
+        raise ReadOnlyRefused(f"refused: this {first} statement would change the log, and fedlog sql reads only; "
+                              "run it again with --write to commit it (nothing was run)")
+    engine = query_engine(target, read_only=not write)
     failure = _Failure(describe(to_url(target)))
     try:
         try:
@@ -114,3 +142,18 @@ def query(target: str | Path | URL, sql: str) -> tuple[list[str], list[tuple[Any
     """Run ``sql`` and return (columns, all rows as tuples); nothing is committed."""
     with run_query(target, sql) as result:
         return result.columns, [tuple(row) for row in result.rows]
+
+
+def list_views(target: str | Path | URL) -> list[tuple[str, list[str]]]:
+    """The database's views and their columns (``fedlog sql --views``)."""
+    from sqlalchemy import inspect
+
+    engine = query_engine(target)
+    failure = _Failure(describe(to_url(target)))
+    try:
+        inspector = inspect(engine)
+        return [(name, [c["name"] for c in inspector.get_columns(name)]) for name in sorted(inspector.get_view_names())]
+    except SQLAlchemyError as exc:
+        raise failure.error(exc, "cannot read the views of") from None
+    finally:
+        engine.dispose()

@@ -73,6 +73,9 @@ events = Table(
     UniqueConstraint("machine_id", "version"),
 )
 Index("ix_events_job_id_seq", events.c.job_id, events.c.seq)
+# the history views (migration 0003) filter by kind and job, and group a job's rounds
+Index("ix_events_kind_job_machine", events.c.kind, events.c.job_id, events.c.machine_id)
+Index("ix_events_job_round_kind", events.c.job_id, events.c.round, events.c.kind)
 
 machine_states = Table(
     "machine_states",

@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 #: the machine that holds the audit trail of refused requests
 AUDIT_MACHINE = "audit"
-WRITER = "server"
+WRITER = "server"  # each incarnation writes as "server@<pid>.<start s>" (history: rounds that spanned a restart)
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,8 @@ class FedServer:
         try:
             self.chunks: ChunkStore = chunks if isinstance(chunks, ChunkStore) else open_chunk_store(db, chunks)
             self.chunk_access = ChunkAccess(self.chunks)
-            self.runtime = Runtime(self.recorder, load_charts(), clock=self.clock, writer=WRITER)
+            self.writer = f"{WRITER}@{os.getpid()}.{int(time.time())}"
+            self.runtime = Runtime(self.recorder, load_charts(), clock=self.clock, writer=self.writer)
             s = self.settings
             self.manager = TaskManager(self.runtime, clock=self.clock, client_dead_grace=s.client_dead_grace,
                                        heartbeat_timeout=s.heartbeat_timeout, dead_grace=s.dead_grace,

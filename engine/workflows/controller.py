@@ -88,6 +88,13 @@ def _seed(job_id: str, call: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{job_id}:{call}".encode()).digest()[:8], "big")
 
 
+def _round_of(task: Task) -> int | None:
+    """The round a task belongs to (its data's ``round``), recorded on its machines for the history views."""
+    data = task.data
+    value = data.get("round") if isinstance(data, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
 def _short(value: Any, limit: int = 60) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -393,7 +400,8 @@ class Controller:
 
         async def schedule() -> str:
             try:
-                return await self.manager.schedule(task, method=method, task_id=tid, job_id=self.job_id, **kw)
+                return await self.manager.schedule(task, method=method, task_id=tid, job_id=self.job_id,
+                                                   round=_round_of(task), **kw)
             except NondeterminismError as exc:
                 raise self._diverged(i, call, f"{self._describe_task(tid)} ({exc.recorded})") from None
 

@@ -240,12 +240,46 @@ def test_sql_error_is_a_message_not_a_traceback(log_url: str, capsys: pytest.Cap
     assert "nowhere" in err and "Traceback" not in err
 
 
-def test_sql_statement_without_rows_changes_nothing(log_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sql_statement_that_writes_is_refused_and_changes_nothing(log_url: str,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     status, out, err = run(capsys, "sql", log_url, "DELETE FROM events")
-    assert status == 1 and out == []
-    assert err == (
-        "fedlog sql: the statement returned no rows (21 row(s) affected, rolled back): fedlog sql "
-        "only reads, it never commits changes to the log\n"
-    )
+    assert status == 2 and out == []
+    assert err == ("fedlog sql: error: refused: this DELETE statement would change the log, and fedlog sql reads "
+                   "only; run it again with --write to commit it (nothing was run)\n")
+    # a write dressed as a read is refused by the database itself (opened read-only)
+    status, out, err = run(capsys, "sql", log_url, "WITH x AS (SELECT 1 AS n) DELETE FROM events")
+    assert status == 2 and "fedlog sql: error: query failed on" in err
     status, out, _ = run(capsys, "sql", log_url, "SELECT count(*) AS n FROM events", "--format", "json")
     assert json.loads("\n".join(out)) == [{"n": 21}]
+
+
+def test_sql_write_commits_when_asked(log_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, _, err = run(capsys, "sql", log_url, "UPDATE machine_states SET site = 'z' WHERE machine_id = 'job-4'",
+                         "--write")
+    assert status == 0 and err == "1 row(s) affected; committed\n"
+    status, out, _ = run(capsys, "sql", log_url, "SELECT site FROM machine_states WHERE machine_id = 'job-4'",
+                         "--format", "csv")
+    assert out == ["site", "z"]
+
+
+def test_sql_views_lists_every_view_with_its_columns(log_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = run(capsys, "sql", log_url, "--views")
+    views = {line.split(":")[0]: line.split(": ")[1].split(", ") for line in out}
+    assert status == 0
+    assert set(views) >= {"transitions", "machines", "jobs", "rounds", "tasks", "client_tasks", "streams", "sites"}
+    assert views["rounds"][:2] == ["job_id", "round"] and "server_runs" in views["rounds"]
+
+
+def test_sql_prompt_takes_multi_line_statements_and_goes_on_after_an_error(
+        log_url: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import io
+
+    script = "SELECT count(*)\n  AS n FROM events;\nSELECT * FROM nowhere;\n.views\nSELECT 2 AS two\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    status, out, _ = run(capsys, "sql", log_url, "--format", "csv")
+    text = "\n".join(out)
+    assert "n\n21" in text and "error: query failed on" in text and "nowhere" in text
+    assert any(line.startswith("rounds: job_id, round") for line in out)
+    assert out[-2:] == ["two", "2"] and status == 0
+
+

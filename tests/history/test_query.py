@@ -13,7 +13,7 @@ from sqlalchemy.engine import make_url
 from engine.clock import parse_time_us
 from engine.errors import ConfigError, StoreError
 from engine.history.access import open_log
-from engine.history.query import query, run_query
+from engine.history.query import ReadOnlyRefused, is_read_only, query, run_query
 from engine.history.render import write_json
 from tests.history.support import write_log
 
@@ -119,19 +119,32 @@ def test_missing_postgres_database(pg_url: str) -> None:
         query(url, "SELECT 1")
 
 
-def test_changes_are_rolled_back(log_url: str) -> None:
-    with run_query(log_url, "UPDATE machine_states SET state = 'hacked'") as result:
-        assert not result.returns_rows and result.columns == []
-        assert result.rowcount == 7 and not result.committed
-        assert list(result.rows) == []
-    # DDL too: SQLite's driver would autocommit it without the explicit BEGIN
-    with run_query(log_url, "CREATE TABLE scratch (x INTEGER)") as result:
-        assert not result.returns_rows
+def test_writes_are_refused_before_they_run_and_the_database_is_read_only(log_url: str) -> None:
+    for statement in ("UPDATE machine_states SET state = 'hacked'", "CREATE TABLE scratch (x INTEGER)",
+                      "-- a comment first\nDELETE FROM events", "PRAGMA user_version = 7"):
+        with pytest.raises(ReadOnlyRefused, match="would change the log.*--write"):
+            query(log_url, statement)
+    # a write the keyword check lets through is refused by the database itself
+    with pytest.raises(StoreError):
+        query(log_url, "WITH x AS (SELECT 1 AS n) UPDATE machine_states SET state = 'hacked'")
     assert query(log_url, "SELECT count(*) FROM machine_states WHERE state = 'hacked'")[1] == [(0,)]
     with pytest.raises(StoreError, match="scratch"):
         query(log_url, "SELECT * FROM scratch")
     with open_log(log_url) as log:
         assert log.get_machine("job-1") is not None
+
+
+def test_read_only_judgement() -> None:
+    assert is_read_only("  select 1") and is_read_only("WITH a AS (SELECT 1) SELECT * FROM a")
+    assert is_read_only("EXPLAIN QUERY PLAN SELECT 1") and is_read_only("PRAGMA table_info(events)")
+    assert not is_read_only("insert into x values (1)") and not is_read_only("/* c */ drop view jobs")
+
+
+def test_ddl_with_write_is_transactional_until_committed(log_url: str) -> None:
+    # DDL runs inside the transaction too (SQLite's driver would autocommit it without the explicit BEGIN)
+    with run_query(log_url, "CREATE TABLE scratch (x INTEGER)", write=True) as result:
+        assert not result.returns_rows and result.committed
+    assert query(log_url, "SELECT count(*) FROM scratch")[1] == [(0,)]
 
 
 def test_write_commits(log_url: str) -> None:

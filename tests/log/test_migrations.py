@@ -25,7 +25,7 @@ from engine.resources import data_dir
 from tests.log.factory import T0, chain, ev
 
 FEDLOG_TABLES = {"events", "machine_states", "writer_lease"}
-FEDLOG_VIEWS = {"transitions", "machines"}
+FEDLOG_VIEWS = {"transitions", "machines", "jobs", "rounds", "tasks", "client_tasks", "streams", "sites"}
 
 
 @pytest.fixture

@@ -58,6 +58,7 @@ from torch import nn
 class MLP(nn.Module):
     def __init__(self, hidden=1024, depth=2):
         super().__init__()
+        self.hidden, self.depth = hidden, depth  # NVFlare rebuilds the model from these attributes
         layers = [nn.Linear(256, hidden), nn.ReLU()]
         for _ in range(depth - 1):
             layers += [nn.Linear(hidden, hidden), nn.ReLU()]
@@ -252,9 +253,13 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--venv", default="build/bench-nvflare-venv", help="NVFlare's own venv (made if missing)")
     parser.add_argument("--skip-nvflare", action="store_true", help="measure fedlog and the floor only")
+    parser.add_argument("--only", action="append", default=[], metavar="CLIENTS:MIB:ROUNDS",
+                        help="run only this configuration (repeatable), e.g. 4:34:5")
     args = parser.parse_args()
     torch.set_num_threads(1)
     configs = [(2, 5, 2)] if args.quick else [(c, m, r) for m in (5, 34) for c in (2, 4) for r in (2, 5)]
+    if args.only:
+        configs = [tuple(int(x) for x in o.split(":")) for o in args.only]  # type: ignore[misc]
     python = None if args.skip_nvflare else nvflare_venv(Path(args.venv).resolve())
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="fedlog-vs-nvflare-") as tmp:
