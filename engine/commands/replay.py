@@ -9,7 +9,8 @@
   ``--at SEQ|TIME`` the state of every machine of the job at that point;
   ``--export trace.json`` (Chrome trace events) or ``--export report.html``;
   ``--round R --aggregate`` re-runs the round's aggregation from the stored chunks and
-  compares the model hash with the recorded one (exit 1 on a mismatch).
+  compares the model hash with the recorded one (exit 1 on a mismatch); ``--workflow``
+  replays the job's workflow offline against the log (``engine.history.workflow_replay``).
 - ``fedlog replay diff DB1 DB2 --job J``: the first point where two runs diverge.
 """
 
@@ -60,6 +61,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--aggregate", action="store_true",
                         help="with --job and --round: re-run the round's aggregation from the stored chunks and "
                              "check the model hash against the recorded one")
+    parser.add_argument("--workflow", action="store_true",
+                        help="with --job: replay the job's workflow offline against the log (a copy of it) and "
+                             "report the first call that differs (NondeterminismError, exit 1)")
     parser.add_argument("--chunks", metavar="DIR", help="the server's chunk store (default: DB.chunks)")
     parser.add_argument("--gap", metavar="SECONDS", type=float, default=1.0,
                         help="mark an event that comes this long after the previous one on its lane (default 1)")
@@ -207,6 +211,17 @@ def _diff(args: argparse.Namespace) -> int:
 
 def _job(args: argparse.Namespace) -> int:
     from engine.history import timeline as tl
+
+    if args.workflow:
+        from engine.errors import NondeterminismError
+        from engine.history.workflow_replay import replay_workflow
+
+        try:
+            print(replay_workflow(args.db, args.job).describe())
+        except NondeterminismError as exc:
+            print(f"NondeterminismError: {exc}")
+            return 1
+        return 0
 
     with open_log(args.db) as log:
         progress = ProgressLine(sys.stderr, log.last_seq(), PROGRESS_EVERY) if sys.stderr.isatty() else None

@@ -86,16 +86,19 @@ def write_terminal(timeline: Timeline, out: TextIO, *, round_: int | None = None
     lanes = timeline.lanes()
     width = max(len(lane) for lane in lanes)
     out.write(f"job {timeline.job_id}: {len(events):,} events, lanes: {', '.join(lanes)}\n")
+    spans: dict[int | None, tuple[int, int]] = {}
+    for e in events:
+        first, last = spans.get(e.round, (e.ts_us, e.ts_us))
+        spans[e.round] = (min(first, e.ts_us), max(last, e.ts_us))
     last_on_lane: dict[str, int] = {}
     current: object = object()
     printed = 0
     for event in events:
         if event.round != current:
             current = event.round
-            span = [e.ts_us for e in events if e.round == event.round]
+            first, last = spans[event.round]
             label = "no round" if event.round is None else f"round {event.round}"
-            out.write(f"\n── {label}: {format_us(min(span))} … {format_us(max(span))} "
-                      f"({(max(span) - min(span)) / 1e6:.3f} s) ──\n")
+            out.write(f"\n── {label}: {format_us(first)} … {format_us(last)} ({(last - first) / 1e6:.3f} s) ──\n")
         lane = lane_of(event)
         gap = (event.ts_us - last_on_lane[lane]) / 1e6 if lane in last_on_lane else 0.0
         last_on_lane[lane] = event.ts_us

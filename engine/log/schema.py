@@ -97,6 +97,10 @@ machine_states = Table(
     sqlite_with_rowid=False,
 )
 Index("ix_machine_states_job_id", machine_states.c.job_id)
+# history questions across jobs (migration 0004): rounds per job, machines by state
+Index("ix_machine_states_kind_job_round", machine_states.c.kind, machine_states.c.job_id, machine_states.c.round)
+Index("ix_machine_states_terminal_kind_state", machine_states.c.terminal, machine_states.c.kind,
+      machine_states.c.state)
 
 writer_lease = Table(
     "writer_lease",

@@ -101,6 +101,11 @@ WHERE e.job_id IS NOT NULL AND e.round IS NOT NULL
   AND e.kind IN ('task', 'client_task', 'workflow', 'task_data', 'stream_send', 'swarm_round')
 GROUP BY e.job_id, e.round
 """
+    # a task's shares are "<task>/<site>": the ids between "<task>/" and "<task>0" in byte order
+    # (PostgreSQL compares them in the C collation: a linguistic one such as en_US ignores '/')
+    c_ = ' COLLATE "C"' if d == "postgresql" else ""
+    shares = (f"c.kind = 'client_task' AND c.job_id = e.job_id AND c.machine_id{c_} > (e.machine_id || '/'){c_} "
+              f"AND c.machine_id{c_} < (e.machine_id || '0'){c_}")
     tasks = f"""
 CREATE VIEW tasks AS
 SELECT e.machine_id AS task_id, e.job_id, e.round,
@@ -110,13 +115,9 @@ SELECT e.machine_id AS task_id, e.job_id, e.round,
        {iso('MIN(e.ts_us)')} AS scheduled_at,
        {iso(ended)} AS ended_at,
        ({ended} - MIN(e.ts_us)) / 1000000.0 AS duration_s,
-       (SELECT COUNT(*) FROM events c WHERE c.machine_id > e.machine_id || '/' AND c.machine_id < e.machine_id || '0'
-          AND c.kind = 'client_task' AND c.trigger = 'create') AS targets,
-       (SELECT COUNT(*) FROM events c WHERE c.machine_id > e.machine_id || '/' AND c.machine_id < e.machine_id || '0'
-          AND c.kind = 'client_task' AND c.trigger = 'result') AS results,
-       (SELECT MIN(c.ts_us) FROM events c WHERE c.machine_id > e.machine_id || '/'
-          AND c.machine_id < e.machine_id || '0' AND c.kind = 'client_task' AND c.trigger = 'result')
-          AS first_result_us,
+       (SELECT COUNT(*) FROM events c WHERE {shares} AND c.trigger = 'create') AS targets,
+       (SELECT COUNT(*) FROM events c WHERE {shares} AND c.trigger = 'result') AS results,
+       (SELECT MIN(c.ts_us) FROM events c WHERE {shares} AND c.trigger = 'result') AS first_result_us,
        SUM(CASE WHEN e.trigger = 'drop_result' THEN 1 ELSE 0 END) AS results_dropped,
        MAX(CASE WHEN e.trigger IN ('complete', 'wait_elapsed', 'timeout', 'fail', 'cancel', 'abort', 'targets_dead')
                 THEN COALESCE(e.data ->> 'reason', e.trigger) END) AS reason,
