@@ -188,3 +188,34 @@ def test_replay_diff_finds_where_two_runs_part(log: str, tmp_path: Path, capsys:
                    "kind = 'client_task' AND trigger = 'result' AND site = 'site-2' AND round = 1")
     status, out, _ = cli(capsys, "replay", "diff", log, str(copy), "--job", "job-1")
     assert status == 1 and "first divergence at job-1.t" in out and "/site-2 version" in out
+
+
+def test_the_html_report_renders_in_headless_chromium(log: str, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    if not log.endswith(".db"):
+        pytest.skip("one dialect is enough for the page")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        message = "headless Chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(message + "; in CI the report test must run")
+        pytest.skip(message)
+    report = tmp_path / "report.html"
+    assert cli(capsys, "replay", log, "--job", "job-1", "--export", str(report))[0] == 0
+    flags = [browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+             f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1100,1000"]
+    dom = subprocess.run([*flags, "--dump-dom", report.as_uri()], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    # the browser parsed the page into the elements it shows: the summary, a band per round, a lane per site
+    assert f'data-rounds="{ROUNDS}"' in dom and 'data-sites="2"' in dom
+    assert dom.count('class="round"') == ROUNDS
+    assert dom.count('class="lane"') >= 3 and "site-1" in dom and "site-2" in dom
+    assert dom.count('class="site"') >= 1  # stream progress lines
+    shot = tmp_path / "report.png"
+    subprocess.run([*flags, f"--screenshot={shot}", report.as_uri()], capture_output=True, timeout=120, check=True)
+    png = shot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
