@@ -149,6 +149,9 @@ WHERE e.kind = 'client_task'
 GROUP BY e.machine_id, e.job_id, e.round, e.site, m.state, m.terminal, m.updated_us
 """
     first_resume = "MIN(CASE WHEN e.trigger = 'resume' THEN e.seq END)"
+    ack_chunks, want_chunks = _int("e.data ->> 'chunks'"), _int("e.data ->> 'want'")
+    acked = f"COALESCE(SUM(CASE WHEN e.trigger = 'ack' THEN {ack_chunks} END), 0)"
+    wanted = f"COALESCE(MAX(CASE WHEN e.trigger = 'want' THEN {want_chunks} END), 0)"
     streams = f"""
 CREATE VIEW streams AS
 SELECT e.machine_id AS session_id, e.kind AS direction, e.job_id, e.round, e.site, m.state,
@@ -160,7 +163,12 @@ SELECT e.machine_id AS session_id, e.kind AS direction, e.job_id, e.round, e.sit
        MAX(CASE WHEN e.trigger = 'want' THEN {_int("e.data ->> 'want'")} END) AS chunks_wanted,
        MAX(CASE WHEN e.trigger = 'want' THEN {_int("e.data ->> 'held'")} END) AS chunks_skipped,
        COALESCE(SUM(CASE WHEN e.trigger = 'ack' THEN {_int("e.data ->> 'bytes'")} END), 0) AS bytes_sent,
+       CASE WHEN m.state = 'completed'
+            THEN MAX(CASE WHEN e.trigger = 'offer' THEN {_int("e.data ->> 'bytes'")} END)
+                 - COALESCE(SUM(CASE WHEN e.trigger = 'ack' THEN {_int("e.data ->> 'bytes'")} END), 0)
+       END AS bytes_skipped,
        SUM(CASE WHEN e.trigger = 'ack' THEN 1 ELSE 0 END) AS acks,
+       CASE WHEN {acked} > {wanted} THEN {acked} - {wanted} ELSE 0 END AS chunks_resent,
        SUM(CASE WHEN e.trigger = 'resume' THEN 1 ELSE 0 END) AS resumes,
        COALESCE(SUM(CASE WHEN e.trigger = 'ack' AND e.seq > (SELECT {first_resume.replace('e.', 'r.')}
                                                               FROM events r WHERE r.machine_id = e.machine_id)
