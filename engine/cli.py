@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    if argv is None and getattr(args, "exit_now", False):  # a command-line run that asked to end at once
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(status or 0))
     return int(status or 0)
 
 
