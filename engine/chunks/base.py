@@ -68,8 +68,13 @@ class ChunkStore(ABC):
         """
 
     @abstractmethod
-    def get(self, digest: str) -> bytes:
-        """The chunk's bytes, verified; ChunkMissing if absent, ChunkIntegrityError if corrupt."""
+    def get(self, digest: str, *, verify: bool = True) -> bytes:
+        """The chunk's bytes, verified; ChunkMissing if absent, ChunkIntegrityError if corrupt.
+
+        ``verify=False`` skips re-hashing (the length is still checked): only for handing
+        the bytes to a peer that verifies them by their address before using them (the
+        chunk routes serving a download), where hashing here too would only repeat it.
+        """
 
     @abstractmethod
     def stat(self, digest: str) -> ChunkStat | None:

@@ -77,6 +77,27 @@ def test_a_corrupt_copy_is_never_returned_and_is_dropped(tmp_path: Path) -> None
     store.close()
 
 
+def test_serving_without_rehashing_hands_over_the_stored_bytes_for_the_peer_to_check(tmp_path: Path) -> None:
+    from engine.chunks.base import verify
+
+    store = LocalChunkStore(tmp_path / "c")
+    a, da = chunk(4)
+    store.put(a, da)
+    store.sync()
+    stat = store.stat(a)
+    assert stat is not None and stat.pack is not None
+    assert store.get(a, verify=False) == da
+    with open(store.packs_dir / stat.pack, "r+b") as fh:
+        fh.seek(stat.offset + 10)
+        fh.write(b"\xff")
+    served = store.get(a, verify=False)  # what the chunk route sends; the receiving site verifies it
+    with pytest.raises(ChunkIntegrityError):
+        verify(a, served)
+    with pytest.raises(ChunkIntegrityError):
+        store.get(a)  # any use here still re-hashes and drops the bad copy
+    store.close()
+
+
 def test_only_one_process_uses_a_store(tmp_path: Path) -> None:
     first = LocalChunkStore(tmp_path / "c")
     with pytest.raises(ChunkError, match="another process"):
