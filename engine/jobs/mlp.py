@@ -20,7 +20,7 @@ from torch import nn
 from engine.client.executor import SiteTask
 from engine.errors import TaskError
 
-__all__ = ["IN_FEATURES", "CLASSES", "build", "initial_state", "local_steps", "train"]
+__all__ = ["CLASSES", "IN_FEATURES", "build", "initial_state", "local_steps", "train", "warm_up"]
 
 IN_FEATURES = 256
 CLASSES = 10
@@ -64,6 +64,12 @@ def local_steps(state: dict[str, torch.Tensor], site: str, round: int, steps: in
         loss_fn(model(x), y).backward()
         optimizer.step()
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def warm_up() -> None:
+    """One tiny training step, so torch's one-time set-up is done before the first task
+    (``fedlog client --preload engine.jobs.mlp`` calls this while the site waits)."""
+    local_steps(initial_state(hidden=8, depth=1), "warm-up", 0, steps=1, batch=2)
 
 
 def train(task: SiteTask) -> dict[str, Any]:

@@ -75,3 +75,20 @@ def test_server_client_and_job_commands(tmp_path: Path) -> None:
     assert client.returncode == 0
     stopped = json.loads(client_out.strip().splitlines()[-1])
     assert stopped["event"] == "stopped" and stopped["site"] == "site-1" and stopped["submitted"] >= 5
+
+
+def test_preload_imports_the_module_and_runs_its_warm_up(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import textwrap
+
+    module = tmp_path / "warmmod.py"
+    module.write_text(textwrap.dedent("""
+        import pathlib
+        def warm_up():
+            pathlib.Path(__file__).with_name("warmed").write_text("yes")
+    """))
+    code = ("import sys; sys.path.insert(0, sys.argv[1]);"
+            "from engine.commands.client import _preload; _preload(['warmmod', 'no.such.module']).join(60)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    assert (tmp_path / "warmed").read_text() == "yes"
