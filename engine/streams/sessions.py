@@ -92,13 +92,31 @@ class _Session:
             self.reporter(event, data)
 
     def _begin(self, manifest_digest: str, manifest: Manifest) -> tuple[bool, bool]:
-        """Create or resume the machine; return (resumed, already complete)."""
+        """Create or resume the machine; return (resumed, already complete).
+
+        - no machine yet: a new session (``create``, ``offer``);
+        - ``opened`` (the process died between creating it and offering): offered now;
+        - ``completed``: nothing to do;
+        - cut short in the middle: ``interrupt`` then (in ``_transfer``) ``resume``;
+        - ``failed`` or ``aborted`` (a stream_timeout, a timer, an abort): that session is
+          over, and a new attempt is a new session ``<id>~2``, ``<id>~3``, ... in the log.
+        """
         row = self.runtime.recorder.get_machine(self.session_id)
+        attempt = 1
+        base = self.session_id
+        while row is not None and row.state in ("failed", "aborted"):
+            attempt += 1
+            self.session_id = f"{base}~{attempt}"
+            row = self.runtime.recorder.get_machine(self.session_id)
+        offer = {"manifest": manifest_digest, "bytes": manifest.nbytes, "chunks": len(manifest.chunk_digests())}
         if row is None:
             self.runtime.create(self.kind, machine_id=self.session_id,
-                                data={"peer": self.peer, "entry_timeout": self.entry_timeout})
-            self.runtime.fire(self.session_id, "offer", {"manifest": manifest_digest, "bytes": manifest.nbytes,
-                                                         "chunks": len(manifest.chunk_digests())})
+                                data={"peer": self.peer, "entry_timeout": self.entry_timeout,
+                                      **({"attempt": attempt} if attempt > 1 else {})})
+            self.runtime.fire(self.session_id, "offer", offer)
+            return False, False
+        if row.state == "opened":
+            self.runtime.fire(self.session_id, "offer", offer)
             return False, False
         if row.state == "completed":
             return False, True

@@ -132,3 +132,24 @@ def test_each_acknowledged_batch_re_arms_the_per_entry_deadline(charts: ChartReg
     acks = [e for e in runtime.recorder.read(machine_id="recv:slow") if e.trigger == "ack"]
     # without re-arming, the deadline set when transferring began (45 s) would stall a 80 s transfer
     assert [(e.deadline_us or 0) - e.ts_us for e in acks] == [45_000_000] * len(acks)
+
+
+def test_a_session_cut_between_create_and_offer_is_offered_on_the_next_run(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+    runtime.create("stream_receive", machine_id="recv:cut", data={"peer": "server"})  # then the process died
+    _, report = ReceiveSession(runtime, sink, source.get, "recv:cut").run(digest)
+    assert report.chunks_wanted == 20 and not report.resumed
+    assert triggers(runtime, "recv:cut") == ["create", "offer", "want", "start", "ack", "complete"]
+
+
+def test_a_failed_session_is_followed_by_a_new_attempt_not_an_endless_error(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+    runtime.create("stream_receive", machine_id="recv:f", data={"peer": "server"})
+    runtime.fire("recv:f", "expire", {"reason": "stream_timeout"})
+    receiver = ReceiveSession(runtime, sink, source.get, "recv:f")
+    _, report = receiver.run(digest)
+    assert report.session_id == receiver.session_id == "recv:f~2" and report.chunks_wanted == 20
+    assert runtime.get("recv:f").state == "failed" and runtime.get("recv:f~2").state == "completed"
+    assert load(sink, digest).keys() == load(source, digest).keys()
