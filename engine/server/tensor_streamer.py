@@ -257,9 +257,16 @@ class TensorServerStreamer:
             self._fire(session, "ack", {"chunks": int(data.get("chunks", 0)), "bytes": int(data.get("bytes", 0)),
                                         "acked": int(data.get("acked", 0))}, deadline_us=deadline)
         elif event == "complete":
-            moved = int(data.get("bytes", 0))
-            if self._fire(session, "complete", {"bytes": moved, "chunks": int(data.get("chunks", 0)),
-                                                "skipped": int(data.get("skipped", 0))}):
+            moved, chunks, skipped = int(data.get("bytes", 0)), int(data.get("chunks", 0)), int(data.get("skipped", 0))
+            # earlier reports may have been lost (the site died before sending them): catch the session up
+            state = self.runtime.get(session).state
+            if state == "manifest_offered":
+                self._fire(session, "want", {"want": chunks, "held": skipped, "late": True})
+                if chunks:
+                    self._fire(session, "start", None, deadline_us=deadline)
+            elif state == "stalled":
+                self._fire(session, "resume", {"want": chunks, "late": True}, deadline_us=deadline)
+            if self._fire(session, "complete", {"bytes": moved, "chunks": chunks, "skipped": skipped}):
                 self._site_done(site, str(opening["task_id"]), session, row.job_id, moved)
         elif event == "fail":
             self._fire(session, "fail", {"reason": str(data.get("reason", "the site gave up"))[:500]})

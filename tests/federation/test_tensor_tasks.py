@@ -182,3 +182,26 @@ def test_the_in_memory_copy_is_released_when_the_wait_for_all_sites_times_out(
     assert figures is not None and figures["missing"] == ["site-2"] and figures["num_task_data_sent"] == 1
     with pytest.raises(KeyError):
         streamer.on_report("site-2", sessions[0], "ack", {})  # not site-2's session
+
+
+def test_a_completion_reported_without_the_earlier_steps_still_counts(server: FedServer) -> None:
+    from engine.server.tensor_streamer import TensorStreamConfig
+    from engine.tensors import store
+
+    digest = store(pack({"w": torch.arange(2048, dtype=torch.float32)}, chunk_size=4096), server.chunks)
+    streamer = server.tensor_streamer
+    sessions = {}
+    for site in ("site-1", "site-2"):
+        (sessions[site],) = streamer.on_dispatch(job_id=None, round=0, task_id="t9", task_name="train",
+                                                 client_task_id=f"ct-{site}", site=site, data=ref(digest),
+                                                 targets=["site-1", "site-2"], config=TensorStreamConfig())
+    # site-1 died after downloading, before its want/ack reports went out; on restart it reports completion
+    assert streamer.on_report("site-1", sessions["site-1"], "complete",
+                              {"bytes": 8192, "chunks": 2, "skipped": 0}) == "completed"
+    streamer.on_report("site-2", sessions["site-2"], "want", {"want": 0, "held": 2})
+    assert streamer.on_report("site-2", sessions["site-2"], "complete",
+                              {"bytes": 0, "chunks": 0, "skipped": 2}) == "completed"
+    figures = streamer.figures("t9")
+    assert figures is not None and figures["state"] == "released"
+    assert figures["num_task_data_sent"] == 1 and figures["num_task_skipped"] == 1
+    assert streamer.cached_bytes == 0
