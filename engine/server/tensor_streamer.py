@@ -119,6 +119,8 @@ class TensorServerStreamer:
         self._pinned: dict[str, _Pinned] = {}
         self._lock = threading.Lock()
         self._last_sweep = 0.0
+        #: "tss:<client task>:" -> the sessions of that share of the task (one per payload)
+        self._by_share: dict[str, list[str]] = {}
 
     # -- hand-out ----------------------------------------------------------------------------
 
@@ -141,6 +143,8 @@ class TensorServerStreamer:
         for digest in digests:
             session = f"tss:{client_task_id}:{digest[:16]}"
             sessions.append(session)
+        self._by_share[f"tss:{client_task_id}:"] = list(sessions)
+        for digest, session in zip(digests, sessions, strict=True):
             if self.server.recorder.get_machine(session) is not None:
                 continue  # a resend of the same assignment: the same session
             size, chunks = self._size(digest)
@@ -285,10 +289,15 @@ class TensorServerStreamer:
         if self.runtime.get(td).state != "sending":
             return
         prefix = session.rsplit(":", 1)[0] + ":"  # tss:<client task>: — this site's sessions of this task
-        sessions = [r for r in self.server.recorder.machines(kind="stream_send", job_id=job_id)
-                    if r.machine_id.startswith(prefix)]
-        if any(r.state != "completed" for r in sessions):
+        known = self._by_share.get(prefix)
+        if known is not None:  # the sessions handed out by this process: no scan of the job's sessions
+            states = [self.runtime.get(m).state for m in known]
+        else:  # after a restart
+            states = [r.state for r in self.server.recorder.machines(kind="stream_send", job_id=job_id)
+                      if r.machine_id.startswith(prefix)]
+        if any(state != "completed" for state in states):
             return  # another payload of this task is still on its way to the site
+        self._by_share.pop(prefix, None)  # this share is done; a long-lived server keeps no trace of it
         self._fire(td, "received", {"site": site, "bytes": moved, "skipped": moved == 0})
         data = self._opening(td)
         done = {e.data["site"] for e in self.server.recorder.read(machine_id=td)
