@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import html
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -255,7 +255,3 @@ td,th{{border:1px solid #ccc;padding:2px 8px}}</style></head>
 </body></html>
 """)
 
-
-def iter_jobs(events: Iterable[StoredEvent]) -> list[str]:
-    """The job ids that occur in ``events`` (for messages)."""
-    return sorted({e.job_id for e in events if e.job_id})

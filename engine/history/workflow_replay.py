@@ -18,6 +18,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from engine.charts.loader import load_charts
 from engine.clock import ManualClock
 from engine.errors import ConfigError, NondeterminismError
@@ -93,8 +95,6 @@ async def _run(db: Path, job_id: str) -> ReplayOutcome:
         runtime.close()
     finally:
         recorder.close()
-    import orjson
-
     if orjson.loads(orjson.dumps(value)) != recorded:
         raise NondeterminismError(f"the workflow's return value after call {ctl.calls}",
                                   f"the recorded result differs: {str(recorded)[:200]}")

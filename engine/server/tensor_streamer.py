@@ -33,7 +33,7 @@ import math
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.errors import ChunkError, ConcurrencyConflict, ManifestError, TransitionRejected
@@ -104,8 +104,6 @@ class _Pinned:
     task_id: str
     machine_id: str
     digests: set[str]
-    expected: set[str]
-    received: set[str] = field(default_factory=set)
 
 
 class TensorServerStreamer:
@@ -121,6 +119,8 @@ class TensorServerStreamer:
         self._last_sweep = 0.0
         #: "tss:<client task>:" -> the sessions of that share of the task (one per payload)
         self._by_share: dict[str, list[str]] = {}
+        #: parsed manifests by address (content-addressed, so never stale); read once, not per site
+        self._manifests: dict[str, Manifest | None] = {}
 
     # -- hand-out ----------------------------------------------------------------------------
 
@@ -138,11 +138,8 @@ class TensorServerStreamer:
                 "task_id": task_id, "task_name": task_name, "sites": sorted(targets), "manifests": digests,
                 "format": config.format,
                 "wait_send_task_data_all_clients_timeout": config.wait_send_task_data_all_clients_timeout})
-            self._pin(task_id, td, digests, set(targets))
-        sessions = []
-        for digest in digests:
-            session = f"tss:{client_task_id}:{digest[:16]}"
-            sessions.append(session)
+            self._pin(task_id, td, digests)
+        sessions = [f"tss:{client_task_id}:{digest[:16]}" for digest in digests]
         self._by_share[f"tss:{client_task_id}:"] = list(sessions)
         for digest, session in zip(digests, sessions, strict=True):
             if self.server.recorder.get_machine(session) is not None:
@@ -153,12 +150,20 @@ class TensorServerStreamer:
             self._fire(session, "offer", {"manifest": digest, "bytes": size, "chunks": chunks})
         return sessions
 
+    def _manifest(self, digest: str) -> Manifest | None:
+        """The parsed manifest (None if the store lacks it or it is malformed), read once per address."""
+        if digest not in self._manifests:
+            if len(self._manifests) >= 1024:
+                self._manifests.clear()
+            try:
+                self._manifests[digest] = Manifest.from_bytes(self.server.chunks.get(digest))
+            except (ChunkError, ManifestError):
+                return None  # not cached: it may be uploaded later
+        return self._manifests[digest]
+
     def _size(self, digest: str) -> tuple[int, int]:
-        try:
-            manifest = Manifest.from_bytes(self.server.chunks.get(digest))
-        except (ChunkError, ManifestError):
-            return 0, 0
-        return manifest.nbytes, len(manifest.chunk_digests())
+        manifest = self._manifest(digest)
+        return (0, 0) if manifest is None else (manifest.nbytes, len(manifest.chunk_digests()))
 
     def _create(self, machine_id: str, job_id: str | None, round: int | None, data: dict[str, Any],
                 site: str | None = None) -> None:
@@ -176,18 +181,16 @@ class TensorServerStreamer:
 
     # -- the in-memory copy --------------------------------------------------------------------
 
-    def _pin(self, task_id: str, machine_id: str, digests: list[str], expected: set[str]) -> None:
-        held: set[str] = set()
+    def _pin(self, task_id: str, machine_id: str, digests: list[str]) -> None:
+        held: set[str] = set(digests)
         for digest in digests:
-            held.add(digest)
-            try:
-                held.update(Manifest.from_bytes(self.server.chunks.get(digest)).chunk_digests())
-            except (ChunkError, ManifestError):
-                continue
+            manifest = self._manifest(digest)
+            if manifest is not None:
+                held.update(manifest.chunk_digests())
         with self._lock:
             if task_id in self._pinned:
                 return  # two sites were handed the task at once; one copy
-            self._pinned[task_id] = _Pinned(task_id, machine_id, held, expected)
+            self._pinned[task_id] = _Pinned(task_id, machine_id, held)
             for digest in held:
                 self._users[digest] = self._users.get(digest, 0) + 1
 

@@ -143,7 +143,6 @@ class _Target:
     machine_id: str
     next_seq: int = 0
     done: bool = False
-    failed: str | None = None
 
 
 @dataclass
@@ -420,7 +419,6 @@ class _OutboundRun:
 
     def _fail(self, t: _Target, reason: str, rc: str, trigger: str = "fail") -> None:
         with self.cond:
-            t.failed = reason
             t.done = True
             for seq in range(t.next_seq, self.produced):
                 self.replies.setdefault(seq, {})[t.name] = {"rc": rc, "reason": reason}

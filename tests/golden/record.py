@@ -6,11 +6,8 @@ and documented: the golden logs stand for the logs users already have.
 
 from __future__ import annotations
 
-import json
 import shutil
-import signal
 import sqlite3
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -71,29 +68,6 @@ def nondeterministic(tmp: Path) -> None:
     keep(tmp / "c" / "server.db", LOGS / "nondeterministic" / "server.db")
 
 
-RECEIVER = """
-import json, os, sys
-from engine.charts.loader import load_charts
-from engine.chunks import LocalChunkStore
-from engine.client.transport import HttpTransport
-from engine.clock import SystemClock
-from engine.log.sql import open_recorder
-from engine.machines.runtime import Runtime
-from engine.streams import ReceiveSession
-url, token, digest, work = sys.argv[1:5]
-transport = HttpTransport(url, token)
-log = open_recorder(os.path.join(work, "site.db"), lease_holder="receiver")
-runtime = Runtime(log, load_charts(), clock=SystemClock(), run_timers=False)
-chunks = LocalChunkStore(os.path.join(work, "chunks"))
-def fetch(d):
-    return transport.request("GET", f"/v1/chunks/{d}").body
-def progress(done, wanted, moved):
-    print(json.dumps({"done": done}), flush=True)
-ReceiveSession(runtime, chunks, fetch, "recv:golden", in_flight=2, ack_every=4, progress=progress).run(digest)
-chunks.close(); runtime.close(); log.close()
-"""
-
-
 def stream_resume(tmp: Path) -> None:
     import torch
 
@@ -101,6 +75,7 @@ def stream_resume(tmp: Path) -> None:
     from engine.provision import SERVER_DIR, load_identity, provision
     from engine.server.serve import ServerProcess
     from engine.tensors import pack, store
+    from tests.streams.test_resume_processes import RECEIVER, kill_at_then_rerun
 
     provision(tmp / "fed", ["site-1"])
     db = tmp / "server.db"
@@ -113,14 +88,7 @@ def stream_resume(tmp: Path) -> None:
     work.mkdir()
     argv = [sys.executable, "-c", RECEIVER, server.url, load_identity(tmp / "fed" / "admin").token, digest, str(work)]
     try:
-        first = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert first.stdout is not None
-        for line in first.stdout:
-            if json.loads(line).get("done", 0) >= 16:
-                first.send_signal(signal.SIGKILL)
-                break
-        first.wait()
-        subprocess.run(argv, check=True, capture_output=True)
+        kill_at_then_rerun(argv, 16)
     finally:
         server.stop()
     keep(work / "site.db", LOGS / "stream_resume" / "site.db")

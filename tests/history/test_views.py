@@ -40,6 +40,10 @@ def run_job(workdir: Path, db: str | None) -> dict[str, Any]:
     return summary
 
 
+#: run a test on the SQLite log only (the module's fixture is parametrized over both dialects)
+SQLITE_ONLY = pytest.mark.parametrize("simulated", ["sqlite"], indirect=True)
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def simulated(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
     """(the server log's URL, the simulation's folder)."""
@@ -173,9 +177,8 @@ def test_replay_aggregate_reports_a_mismatch_precisely(simulated: tuple[str, Pat
     assert "MISMATCH" in tampered.describe() and "0" * 64 in tampered.describe()
 
 
+@SQLITE_ONLY  # the test edits a copy of the log file
 def test_replay_diff_finds_where_two_runs_part(log: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    if not log.endswith(".db"):
-        pytest.skip("the SQLite copy is enough")
     import shutil
     import sqlite3
 
@@ -190,14 +193,13 @@ def test_replay_diff_finds_where_two_runs_part(log: str, tmp_path: Path, capsys:
     assert status == 1 and "first divergence at job-1.t" in out and "/site-2 version" in out
 
 
+@SQLITE_ONLY  # the page does not depend on the dialect
 def test_the_html_report_renders_in_headless_chromium(log: str, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     import os
     import shutil
     import subprocess
 
-    if not log.endswith(".db"):
-        pytest.skip("one dialect is enough for the page")
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
         message = "headless Chromium is not installed (Debian: apt-get install chromium)"

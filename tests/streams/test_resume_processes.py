@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -46,6 +47,22 @@ chunks.close(); runtime.close(); log.close()
 """
 
 
+def kill_at_then_rerun(argv: list[str], done: int) -> dict[str, Any]:
+    """Run the transfer script, SIGKILL it once it reports ``done`` chunks, run it again; its last JSON line."""
+    first = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+    assert first.stdout is not None
+    for line in first.stdout:
+        if json.loads(line).get("done", 0) >= done:
+            first.send_signal(signal.SIGKILL)
+            break
+    first.wait()
+    first.stdout.close()
+    assert first.returncode == -signal.SIGKILL
+    second = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+    result: dict[str, Any] = json.loads(second.stdout.strip().splitlines()[-1])
+    return result
+
+
 def test_a_receiver_killed_at_half_resumes_its_session(tmp_path: Path) -> None:
     provision(tmp_path / "fed", ["site-1"])
     db = tmp_path / "server.db"
@@ -59,19 +76,9 @@ def test_a_receiver_killed_at_half_resumes_its_session(tmp_path: Path) -> None:
     argv = [sys.executable, "-c", RECEIVER, server.url, load_identity(tmp_path / "fed" / "admin").token, digest,
             str(work)]
     try:
-        first = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert first.stdout is not None
-        for line in first.stdout:
-            if json.loads(line).get("done", 0) >= 16:
-                first.send_signal(signal.SIGKILL)
-                break
-        first.wait()
-        first.stdout.close()
-        assert first.returncode == -signal.SIGKILL
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+        end = kill_at_then_rerun(argv, 16)
     finally:
         server.stop()
-    end = json.loads(second.stdout.strip().splitlines()[-1])
     assert end["resumed"] is True
     with open_recorder(work / "site.db") as log:
         events = [e for e in log.read(machine_id="recv:test")]
@@ -129,19 +136,9 @@ def test_a_sender_killed_at_half_resumes_its_session_without_resending_what_arri
     argv = [sys.executable, "-c", SENDER, server.url, load_identity(tmp_path / "fed" / "admin").token, digest,
             str(work)]
     try:
-        first = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
-        assert first.stdout is not None
-        for line in first.stdout:
-            if json.loads(line).get("done", 0) >= 16:
-                first.send_signal(signal.SIGKILL)
-                break
-        first.wait()
-        first.stdout.close()
-        assert first.returncode == -signal.SIGKILL
-        second = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=True)
+        end = kill_at_then_rerun(argv, 16)
     finally:
         server.stop()
-    end = json.loads(second.stdout.strip().splitlines()[-1])
     assert end["resumed"] is True
     with open_recorder(work / "site.db") as log:
         events = [e for e in log.read(machine_id="send:test")]
