@@ -8,6 +8,13 @@ reaches one. Phases:
 - ``result``: a site's result of the round was recorded, before the site got the answer;
 - ``aggregate``: the controller aggregated the round, before its result was recorded.
 
+Swarm sites (``engine.swarm``) have their own points:
+
+- ``train``: the site recorded that it is training, before the learner returned;
+- ``upload``: half of the site's result chunks are on the server, the submission not yet made;
+- ``gather``: the round's aggregator recorded its first accepted result (mid-gather);
+- ``scatter``: the aggregator stored and uploaded the next model, before any learn task went out.
+
 ``FEDLOG_CRASH_AFTER_APPENDS=N`` kills the process once N events it appended to its
 log are durable (counted from its start), before the code that fired them goes on:
 a random log position rather than a named point, which is how ``fedlog simulate
@@ -28,7 +35,7 @@ __all__ = ["APPENDS_ENV", "CRASH_ENV", "PHASES", "appended", "crash_points", "ma
 
 CRASH_ENV = "FEDLOG_CRASH_AT"
 APPENDS_ENV = "FEDLOG_CRASH_AFTER_APPENDS"
-PHASES = ("dispatch", "result", "aggregate")
+PHASES = ("dispatch", "result", "aggregate", "train", "upload", "gather", "scatter")
 
 
 def crash_points(text: str | None) -> frozenset[str]:

@@ -279,6 +279,7 @@ class SiteAgent:
         engine = SiteEngine(self.api.transport, self.site, job_id=str(job["job_id"]),
                             job_sites=list(job.get("sites") or ()), assignment_getter=lambda: self.current,
                             abort=abort, poll_wait=min(5.0, self.poll_wait), runtime=self.runtime)
+        engine.payloads = self.payloads
         return engine.start()
 
     def _engine_for(self, job: dict[str, Any]) -> Any:

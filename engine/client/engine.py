@@ -81,10 +81,15 @@ class SiteEngine(StreamableEngine):
         self._abort = abort
         self.poll_wait = poll_wait
         self._handlers: dict[str, AuxHandler] = {}
+        #: topics whose handlers run on worker threads (``concurrent=True``)
+        self._concurrent: set[str] = set()
+        self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.aborted: str | None = None
+        #: the agent's payload mover (chunk store, API, log), for executors that move tensors themselves
+        self.payloads: Any = None
         self._base = f"/v1/sites/{quote(site, safe='')}/aux"
 
     # -- the job ---------------------------------------------------------------------------
@@ -106,8 +111,13 @@ class SiteEngine(StreamableEngine):
 
     # -- handlers ----------------------------------------------------------------------------
 
-    def register_aux_message_handler(self, topic: str, func: AuxHandler) -> None:
-        """Answer aux requests on ``topic`` with ``func(topic, request, sender)``; one handler per topic."""
+    def register_aux_message_handler(self, topic: str, func: AuxHandler, *, concurrent: bool = False) -> None:
+        """Answer aux requests on ``topic`` with ``func(topic, request, sender)``; one handler per topic.
+
+        Handlers run one at a time, in the order requests arrive, unless ``concurrent``
+        (a fedlog addition): then each request runs on a worker thread, so a slow
+        handler (one that downloads a submission) does not hold up the other topics.
+        """
         if not isinstance(topic, str) or not topic:
             raise ConfigError(f"an aux topic must be a non-empty string, got {topic!r}")
         if not callable(func):
@@ -117,6 +127,10 @@ class SiteEngine(StreamableEngine):
                 raise ConfigError(f"aux topic {topic!r} already has a handler on {self.site} "
                                   f"({self._handlers[topic]!r})")
             self._handlers[topic] = func
+            if concurrent:
+                self._concurrent.add(topic)
+                if self._pool is None:
+                    self._pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix=f"aux-{self.site}")
 
     # -- sending -------------------------------------------------------------------------------
 
@@ -190,6 +204,11 @@ class SiteEngine(StreamableEngine):
             self._thread.start()
         return self
 
+    @property
+    def stopping(self) -> bool:
+        """True once the site was asked to stop (long executors return early then)."""
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Ask the background thread to stop after its current poll (does not wait)."""
         self._stop.set()
@@ -200,12 +219,17 @@ class SiteEngine(StreamableEngine):
         if self._thread is not None:
             self._thread.join(self.poll_wait + 35)
             self._thread = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
 
     def serve_once(self, wait: float = 0.0) -> int:
         """Take and answer the waiting requests once; return how many (the thread's step, for tests)."""
         answer = self.transport.request("POST", self._base + "/poll", query={"wait": wait}, timeout=wait + 30).json()
         for message in answer["requests"]:
-            self._dispatch(message)
+            if self._pool is not None and message.get("topic") in self._concurrent:
+                self._pool.submit(self._dispatch, message)
+            else:
+                self._dispatch(message)
         return len(answer["requests"])
 
     def _serve(self) -> None:

@@ -28,6 +28,16 @@ CATALOG: dict[str, dict[str, Any]] = {
         "args": {"model": "engine.jobs.cnn:initial_state", "evaluate": "engine.jobs.cnn:evaluate",
                  "rounds": 5, "epochs": 4, "lr": 0.05, "batch": 32},
     },
+    "swarm": {
+        "name": "Swarm learning CNN on handwritten digits (PyTorch)",
+        "workflow": "swarm",
+        "executor": "engine.swarm.site:run",
+        "args": {"model": "engine.jobs.cnn:initial_state", "learner": "engine.jobs.cnn:swarm_learn",
+                 "evaluate": "engine.jobs.cnn:evaluate", "num_rounds": 5,
+                 "learner_args": {"epochs": 4, "lr": 0.05, "batch": 32},
+                 "min_responses_required": 2, "wait_time_after_min_resps_received": 5,
+                 "aggregator_timeout": 20},
+    },
     "linreg": {
         "name": "FedAvg linear regression (diabetes)",
         "workflow": "fedavg",

@@ -21,7 +21,7 @@ from torch import nn
 from engine.client.executor import SiteTask
 from engine.errors import TaskError
 
-__all__ = ["centralized_accuracy", "evaluate", "initial_state", "make_model", "train", "warm_up"]
+__all__ = ["centralized_accuracy", "evaluate", "initial_state", "make_model", "swarm_learn", "train", "warm_up"]
 
 
 def make_model() -> nn.Module:
@@ -106,6 +106,27 @@ def train(task: SiteTask) -> dict[str, Any]:
     loss = _fit(model, x, y, epochs=int(data.get("epochs", 2)), lr=float(data.get("lr", 0.05)),
                 batch=int(data.get("batch", 32)), seed=seed)
     return {"model": {k: v.detach().clone() for k, v in model.state_dict().items()}, "n": len(y), "loss": loss}
+
+
+def swarm_learn(task: SiteTask) -> dict[str, Any]:
+    """The swarm learner: validate the received global model on this site's held-out images, then train.
+
+    The metric (accuracy of the model the round started from, as the reference's
+    swarm learners report it) is what the aggregator's best-model choice compares.
+    """
+    data = task.data if isinstance(task.data, dict) else {}
+    state = data.get("model")
+    if not isinstance(state, dict):
+        raise TaskError("data.model", "expected the global model's state_dict")
+    sites = sorted(data.get("sites") or task.job_sites) or [task.site]
+    _, (x, y) = split()
+    mine = torch.arange(len(y)) % len(sites) == (sites.index(task.site) if task.site in sites else 0)
+    model = make_model()
+    model.load_state_dict(state)
+    model.eval()
+    with torch.no_grad():
+        metric = float((model(x[mine]).argmax(dim=1) == y[mine]).float().mean())
+    return {**train(task), "metric": metric}
 
 
 def evaluate(state: dict[str, torch.Tensor]) -> dict[str, Any]:

@@ -12,6 +12,9 @@ every target's envelope ``{"status", "reply"}``:
 - ``refused``: the target is not a site of the sender's job (recorded as ``refused``);
 - ``sent``: a fire-and-forget request was queued (closed once delivered).
 
+A request naming tensor payloads (``{"$tensors": <manifest>}``) that the sender
+uploaded or was given lets its targets download them (``ChunkAccess.share``).
+
 Sites may address only sites of a job they belong to (the running job's sites), and
 only the addressed site can take a request from its mailbox or reply to it. Mailboxes
 are memory: after a server restart undelivered requests time out on their recorded
@@ -113,6 +116,8 @@ class AuxHub:
         deadline = clock.now_us() + round(timeout * US)
         replies: dict[str, Any] = {}
         waiting: list[_Pending] = []
+        # payloads the request names (a submission, a learn task) become readable by its site targets
+        self.server.chunk_access.share(sender, [t for t in targets if t in members and t != sender], request)
         for target in dict.fromkeys(targets):
             machine_id = f"{job_id}.aux.{request_id}/{target}"
             data = {"request_id": request_id, "sender": sender, "target": target, "topic": topic,

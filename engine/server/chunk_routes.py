@@ -6,7 +6,11 @@
   anything is stored (422 otherwise), 201 when new, 200 when already held;
 - ``GET /v1/chunks/{digest}``: the bytes. A site may read only the manifests handed to
   it with its assignments and the chunks those manifests name (403 for any other
-  address, whether or not the server holds it); the admin may read any.
+  address, whether or not the server holds it); the admin may read any. A site that
+  uploads a manifest (its bytes checked against the address, even when the server
+  already holds it) may read it and share it: a manifest named in an aux request
+  between sites of a job (a swarm submission, a learn task) is granted to the
+  targets, so a payload uploaded once is fetched by its receivers, never uploaded again.
 
 Uploaded chunks become durable at the acknowledgement boundary: the submission of
 the result that names them syncs the store before the result is recorded.
@@ -18,6 +22,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest
+from engine.chunks.base import verify as verify_bytes
 from engine.errors import ChunkError, ChunkIntegrityError, ChunkMissing, ManifestError
 from engine.provision import ROLE_ADMIN
 from engine.server.auth import ANY_ROLE
@@ -59,6 +64,22 @@ class ChunkAccess:
                 allowed = self._allowed.setdefault(site, set())
                 allowed.add(digest)
                 allowed.update(manifest.chunk_digests())
+
+    def note_upload(self, site: str, digest: str) -> None:
+        """``site`` uploaded the bytes of ``digest`` (it holds them, so it may read and share them)."""
+        with self._lock:
+            self._allowed.setdefault(site, set()).add(digest)
+
+    def share(self, sender: str, targets: list[str], value: Any) -> int:
+        """Grant ``targets`` the payloads referenced in ``value`` that ``sender`` may read; return how many."""
+        shared = 0
+        for digest in refs_in(value):
+            if not self.allows(sender, digest):
+                continue  # naming an address is not holding it: the target gets a 403 and says so
+            for target in targets:
+                self.grant(target, {"$tensors": digest})
+            shared += 1
+        return shared
 
     def allows(self, site: str, digest: str) -> bool:
         with self._lock:
@@ -110,16 +131,21 @@ async def missing(request: Request) -> Response:
 async def put_chunk(request: Request) -> Response:
     """Store one chunk after checking its bytes against its address."""
     digest = _digest(request)
-    store = _server(request).chunks
-    if store.stat(digest) is not None:
-        await request.body(MAX_CHUNK_BYTES)  # drain it: the connection stays usable
-        return empty_response(200)
+    server = _server(request)
+    store = server.chunks
+    who = request.identity
+    assert who is not None
     data = await request.body(MAX_CHUNK_BYTES)
+    held = store.stat(digest) is not None
     try:
-        store.put(digest, data)
+        if held:
+            verify_bytes(digest, data)  # a repeat proves possession only if the bytes match
+        else:
+            store.put(digest, data)
     except ChunkIntegrityError as exc:
         raise HttpError(422, "chunk_integrity", str(exc), details={"digest": digest}) from None
-    return empty_response(201)
+    server.chunk_access.note_upload(who.name, digest)
+    return empty_response(200 if held else 201)
 
 
 async def get_chunk(request: Request) -> Response:

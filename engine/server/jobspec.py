@@ -39,6 +39,7 @@ BUILTIN_WORKFLOWS = {
     "cyclic": "engine.workflows.builtin:cyclic",
     "fedstats": "engine.jobs.fedstats:fedstats",
     "fedavg_torch": "engine.workflows.builtin:fedavg_torch",
+    "swarm": "engine.workflows.swarm:swarm",
 }
 
 _FIELDS = ("name", "workflow", "args", "executor", "min_sites", "required_sites", "deploy_timeout", "tensor_stream")

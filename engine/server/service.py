@@ -38,7 +38,9 @@ from engine.server.jobs import JobService
 from engine.server.jobspec import JobSpec
 from engine.server.routes import federation_router
 from engine.server.tensor_streamer import TensorServerStreamer, TensorStreamConfig
+from engine.swarm.config import STATUS_TOPIC as SWARM_STATUS_TOPIC
 from engine.tasks import TaskManager
+from engine.workflows.swarm import SwarmStatusBoard
 
 __all__ = ["BootReport", "FedServer", "ServerSettings"]
 
@@ -129,6 +131,9 @@ class FedServer:
         self.app.state = self
         #: aux messages between the job's sites and to the server
         self.aux = AuxHub(self)
+        #: the newest swarm round report of each site (sites report as they go; see engine.workflows.swarm)
+        self.swarm_status = SwarmStatusBoard()
+        self.aux.register_handler(SWARM_STATUS_TOPIC, self.swarm_status.handle)
         #: tensor task data to the sites, recorded per task and site (the TensorServerStreamer role)
         self.tensor_streamer = TensorServerStreamer(self)
         self._stream_configs: dict[str, TensorStreamConfig] = {}
