@@ -66,6 +66,10 @@ class SimOptions:
     kill_server_after: list[float] = field(default_factory=list)
     kill_server_random: list[int] = field(default_factory=list)
     kill_client_random: list[int] = field(default_factory=list)
+    #: ``SITE:ROUND.PHASE`` (``*``: every site): the site SIGKILLs itself there and is started again
+    kill_site_at: list[str] = field(default_factory=list)
+    #: the same, but the site is not started again (it left for good)
+    leave_site_at: list[str] = field(default_factory=list)
     #: a locally defined executor shipped to the client processes with cloudpickle
     executor: Callable[..., Any] | None = None
     timeout: float = 600.0
@@ -99,10 +103,26 @@ class Simulation:
             self.points = sorted(crash_points(",".join(options.kill_server_at)), key=_point_key)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+        self.sites = [f"site-{i}" for i in range(1, options.clients + 1)]
+        #: per site: crash points still to arm, in order, and whether the site then leaves for good
+        self.site_points: dict[str, list[tuple[str, bool]]] = {s: [] for s in self.sites}
+        for entries, leave in ((options.kill_site_at, False), (options.leave_site_at, True)):
+            for entry in entries:
+                site, sep, point = entry.partition(":")
+                if not sep or (site != "*" and site not in self.sites):
+                    raise ConfigError(f"site crash point {entry!r} must look like SITE:ROUND.PHASE with SITE one of "
+                                      f"{', '.join(self.sites)} or *")
+                try:
+                    (checked,) = crash_points(point)
+                except ValueError as exc:
+                    raise ConfigError(str(exc)) from None
+                for target in self.sites if site == "*" else [site]:
+                    self.site_points[target].append((checked, leave))
+        #: sites that left for good (not restarted)
+        self.left: set[str] = set()
         self.own_workdir = options.workdir is None
         self.workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedlog-sim-"))
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.sites = [f"site-{i}" for i in range(1, options.clients + 1)]
         self.server: ServerProcess | None = None
         # a free port chosen now, so the sites can start (and import their ML stack) while the
         # server starts; they retry with backoff until it listens
@@ -166,7 +186,11 @@ class Simulation:
                 argv += ["--preload", executor.split(":", 1)[0]]  # import the ML stack while the server starts
         env = self._env
         self.client_armed[site] = None
-        if self.client_appends[site]:
+        if self.site_points[site]:
+            point, leave = self.site_points[site][0]
+            env = {**self._env, CRASH_ENV: point}
+            self.client_armed[site] = f"crash point {point}" + (", then leaves" if leave else "")
+        elif self.client_appends[site]:
             events, how = self.client_appends[site].pop(0)
             env = {**self._env, APPENDS_ENV: str(events)}
             self.client_armed[site] = how
@@ -285,10 +309,17 @@ class Simulation:
                         self._kill_client(kill.target)
             self._restart_if_dead()
             for site, proc in self.clients.items():
-                if proc.poll() is not None:
+                if proc.poll() is not None and site not in self.left:
                     armed = self.client_armed[site]
                     if armed is not None and proc.returncode == -signal.SIGKILL:
                         self.kills.append(_Kill(time.monotonic() - self.t0, site, armed, done=True))
+                        self.client_armed[site] = None
+                        if armed.startswith("crash point"):
+                            _, leave = self.site_points[site].pop(0)
+                            if leave:
+                                self.left.add(site)
+                                self._say(f"{site} SIGKILLed ({armed}); it left for good")
+                                continue
                         self.client_restarts[site] += 1
                         self._say(f"{site} SIGKILLed ({armed}); restarting")
                     else:
@@ -367,6 +398,7 @@ class Simulation:
             + [{"target": "server", "how": how} for _, how in self.server_appends]
             + [{"target": site, "how": how} for site, left in self.client_appends.items() for _, how in left],
             "sites": {site: {"state": sites.get(site, "unknown"), "restarts": self.client_restarts[site],
+                             "left": site in self.left,
                              **{k: self.client_stats.get(site, {}).get(k, 0)
                                 for k in ("executed", "submitted", "resubmitted", "dropped", "failed")}}
                       for site in self.sites},

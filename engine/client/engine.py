@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -49,6 +50,9 @@ from engine.tasks.spec import as_json, check_seconds
 __all__ = ["AuxHandler", "SiteEngine"]
 
 logger = logging.getLogger(__name__)
+
+#: this process, as its aux polls name it: after a restart the server drops the dead process's polls
+INSTANCE = uuid.uuid4().hex
 
 #: an aux handler: (topic, request, sender) -> JSON reply
 AuxHandler = Callable[[str, Any, str], Any]
@@ -224,7 +228,8 @@ class SiteEngine(StreamableEngine):
 
     def serve_once(self, wait: float = 0.0) -> int:
         """Take and answer the waiting requests once; return how many (the thread's step, for tests)."""
-        answer = self.transport.request("POST", self._base + "/poll", query={"wait": wait}, timeout=wait + 30).json()
+        answer = self.transport.request("POST", self._base + "/poll", query={"wait": wait, "instance": INSTANCE},
+                                        timeout=wait + 30).json()
         for message in answer["requests"]:
             if self._pool is not None and message.get("topic") in self._concurrent:
                 self._pool.submit(self._dispatch, message)

@@ -43,6 +43,11 @@ def register(sub: Any) -> None:
                         help="SIGKILL the server this long after submission; repeatable")
     parser.add_argument("--kill-server-random", action="append", type=int, default=[], metavar="SEED",
                         help="SIGKILL the server at several random log positions chosen by SEED; repeatable")
+    parser.add_argument("--kill-site-at", action="append", default=[], metavar="SITE:ROUND.PHASE",
+                        help="SIGKILL a site (or * for every site) at a crash point and start it again; swarm "
+                             "phases: train, upload, gather, scatter; repeatable")
+    parser.add_argument("--leave-site-at", action="append", default=[], metavar="SITE:ROUND.PHASE",
+                        help="like --kill-site-at, but the site is not started again (it left for good)")
     parser.add_argument("--kill-client-random", action="append", type=int, default=[], metavar="SEED",
                         help="SIGKILL random sites at random log positions chosen by SEED; repeatable")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
@@ -54,6 +59,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     options = SimOptions(spec=load_spec(args.job), clients=args.clients, workdir=args.workdir, db=args.db,
                          kill_server_at=args.kill_server_at, kill_server_after=args.kill_server_after,
                          kill_server_random=args.kill_server_random, kill_client_random=args.kill_client_random,
+                         kill_site_at=args.kill_site_at, leave_site_at=args.leave_site_at,
                          timeout=args.timeout, keep=args.keep, progress=sys.stderr)
     summary = simulate(options)
     if args.json:

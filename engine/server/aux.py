@@ -81,6 +81,8 @@ class AuxHub:
         self.runtime = server.runtime
         self._mailboxes: dict[str, list[_Pending]] = {}
         self._signals: dict[str, asyncio.Event] = {}
+        #: per site, the newest polling process (its ``instance``): older long polls are stale
+        self._instances: dict[str, str] = {}
         self._pending: dict[str, _Pending] = {}
         self._handlers: dict[str, ServerHandler] = {}
 
@@ -192,11 +194,21 @@ class AuxHub:
         if signal is not None:
             signal.set()
 
-    async def take(self, site: str, wait: float) -> list[dict[str, Any]]:
-        """The requests waiting for ``site`` (recorded as delivered); waits up to ``wait`` s for one."""
+    async def take(self, site: str, wait: float, instance: str | None = None) -> list[dict[str, Any]]:
+        """The requests waiting for ``site`` (recorded as delivered); waits up to ``wait`` s for one.
+
+        ``instance`` names the polling process. A poll from a new instance (the site was
+        restarted) ends the long polls of the older one at once, empty: their connection
+        may belong to a killed process, and a request handed to it would be lost.
+        """
         loop = asyncio.get_running_loop()
         end = loop.time() + wait
+        if instance is not None and self._instances.get(site) != instance:
+            self._instances[site] = instance
+            self._wake(site)  # a waiting poll of the previous instance returns
         while True:
+            if instance is not None and self._instances.get(site) != instance:
+                return []
             box = self._mailboxes.get(site) or []
             now = self.server.clock.now_us()
             live = [p for p in box if p.deadline_us > now]
@@ -286,7 +298,8 @@ async def poll_requests(request: Request) -> Response:
     site = request.path_params["site"]
     request.require_identity(site)
     wait = min(float(request.params["wait"]), MAX_POLL_WAIT_S)
-    return json_response({"requests": await _hub(request).take(site, wait)})
+    instance = request.params.get("instance")
+    return json_response({"requests": await _hub(request).take(site, wait, str(instance) if instance else None)})
 
 
 async def send_reply(request: Request) -> Response:
@@ -308,7 +321,9 @@ def aux_router() -> Router:
               errors=(403,)),
         Route("POST", base + "/poll", poll_requests, "Take the aux requests waiting for the site",
               roles=ANY_ROLE, query=(QueryParam("wait", "number", default=10.0, minimum=0,
-                                                maximum=MAX_POLL_WAIT_S),),
+                                                maximum=MAX_POLL_WAIT_S),
+                                     QueryParam("instance", "string",
+                                                description="the polling process; a new one ends the old's polls")),
               response_schema={"type": "object", "required": ["requests"]}, tags=("aux",)),
         Route("POST", base + "/replies", send_reply, "Reply to an aux request delivered to the site",
               roles=ANY_ROLE, body="json", request_schema=REPLY_REQUEST,

@@ -43,6 +43,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.chunks import ChunkStore
@@ -113,6 +114,8 @@ class SwarmClientController:
         self._wake = threading.Event()
         self._gatherers: dict[int, Gatherer] = {}
         self._silent_since: dict[int, float] = {}
+        self._peer_silent_since: dict[tuple[int, str], float] = {}
+        self._last_probe: dict[int, float] = {}
         self._stop = threading.Event()
         self.end: dict[str, Any] | None = None
         self.bytes_in = 0
@@ -187,7 +190,8 @@ class SwarmClientController:
     # -- the wire ---------------------------------------------------------------------------------------
 
     def _ask(self, target: str, name: str, request: dict[str, Any], timeout: float) -> tuple[str, Any]:
-        """``("ok", reply)``, ``("silent", None)`` (the target did not answer), or ``("down", None)``."""
+        """``("ok", reply)``; else ``("silent" | "starting" | "down" | "ended", None)``: the target did not
+        answer, answered without its swarm handlers, the server is unreachable, the job is over."""
         if target == self.site:
             return "ok", self.handle(self.topic(name), request, self.site)
         try:
@@ -196,9 +200,12 @@ class SwarmClientController:
             if isinstance(exc, RemoteError) and exc.status == 403:
                 return "ended", None  # the job is no longer running on the server
             return "down", None
-        if envelope.get("status") == "ok":
+        status = envelope.get("status")
+        if status == "ok":
             return "ok", envelope.get("reply")
-        return "silent", None  # timeout, no handler yet (the site is restarting), or its handler failed
+        if status == "timeout":
+            return "silent", None  # the target's process did not answer (dead, or its poll was lost)
+        return "starting", None  # it answered without a swarm handler (not running its assignment yet) or failed
 
     def _upload(self, machine_id: str, digest: str, crash_round: int | None = None) -> None:
         """Put a manifest's chunks the server lacks (resumable session), then the manifest (proof of holding it)."""
@@ -635,7 +642,7 @@ class SwarmClientController:
                 return False
         status, reply = self._ask(aggregator, "submit", {"round": r, "site": self.site, "result": ref(digest),
                                                          "n": data["n"], "metric": data.get("metric")},
-                                  max(self.config.request_to_submit_result_msg_timeout, 60.0))
+                                  self.config.request_to_submit_result_msg_timeout)
         if status == "ok" and isinstance(reply, dict):
             answer = reply.get("status")
             if answer in ("accepted", "duplicate"):
@@ -676,7 +683,40 @@ class SwarmClientController:
             return True
         return False
 
+    def _probe_trainers(self, r: int, mid: str) -> None:
+        """Trainers yet to submit that answer no probe for ``aggregator_timeout`` are recorded absent.
+
+        A trainer that is training still answers (its handlers run on their own
+        threads); one that restarts answers within seconds. One that stays silent has
+        left, and the gatherer stops waiting for it (or fails the round at once when
+        ``min_responses_required`` can no longer be met).
+        """
+        now = time.monotonic()
+        if now - self._last_probe.get(r, 0.0) < max(0.5, self.config.aggregator_timeout / 6):
+            return
+        self._last_probe[r] = now
+        g = self._gatherer(r)
+        if g is None:
+            return
+        waiting = [s for s in g.expected() if s not in g.accepted and s != self.site]
+        if not waiting:
+            return
+        with ThreadPoolExecutor(max_workers=min(8, len(waiting))) as pool:
+            answers = dict(zip(waiting, pool.map(lambda s: self._ask(s, "probe", {"round": r}, 2.0)[0], waiting),
+                               strict=True))
+        gone = []
+        for site, status in answers.items():
+            if status != "silent":  # it answered, or the server is down (not the trainer's silence)
+                self._peer_silent_since.pop((r, site), None)
+                continue
+            since = self._peer_silent_since.setdefault((r, site), now)
+            if now - since >= self.config.aggregator_timeout:
+                gone.append(site)
+        if gone:
+            self._on_absent({"round": r, "sites": gone}, self.site)
+
     def _check_gathering(self, r: int, mid: str, state: str) -> bool:
+        self._probe_trainers(r, mid)
         with self._lock:
             g = self._gatherer(r)
             if g is None or self._state(mid) != state:
@@ -737,7 +777,8 @@ class SwarmClientController:
         pending = list(targets)
         while pending:
             for target in list(pending):
-                status, reply = self._ask(target, name, message, min(5.0, budget))
+                # short tries: a message lost with a restarting site's old connection is sent again
+                status, reply = self._ask(target, name, message, max(1.0, min(5.0, budget / 3)))
                 if status == "ok":
                     acked.add(target)
                     pending.remove(target)
