@@ -116,6 +116,7 @@ class SwarmClientController:
         self._silent_since: dict[int, float] = {}
         self._peer_silent_since: dict[tuple[int, str], float] = {}
         self._last_probe: dict[int, float] = {}
+        self._probers: dict[int, threading.Thread] = {}
         self._stop = threading.Event()
         self.end: dict[str, Any] | None = None
         self.bytes_in = 0
@@ -716,7 +717,11 @@ class SwarmClientController:
             self._on_absent({"round": r, "sites": gone}, self.site)
 
     def _check_gathering(self, r: int, mid: str, state: str) -> bool:
-        self._probe_trainers(r, mid)
+        prober = self._probers.get(r)
+        if prober is None or not prober.is_alive():  # probes wait on silent sites: never on this thread
+            prober = self._probers[r] = threading.Thread(target=self._probe_trainers, args=(r, mid), daemon=True,
+                                                         name=f"swarm-probe-{r}")
+            prober.start()
         with self._lock:
             g = self._gatherer(r)
             if g is None or self._state(mid) != state:
@@ -771,23 +776,26 @@ class SwarmClientController:
         return [first, *[s for s in self.config.aggr_clients if s != first]]
 
     def _deliver(self, targets: list[str], name: str, message: dict[str, Any], budget: float) -> set[str]:
-        """Send ``message`` to each target until it acknowledges or ``budget`` s pass; return who did."""
-        acked: set[str] = set()
-        end = time.monotonic() + budget
-        pending = list(targets)
-        while pending:
-            for target in list(pending):
+        """Send ``message`` to the targets in parallel, each until it acknowledges or ``budget`` s pass;
+        return who did (a silent site costs the budget once, not once per site)."""
+        if not targets:
+            return set()
+
+        def one(target: str) -> bool:
+            end = time.monotonic() + budget
+            while True:
                 # short tries: a message lost with a restarting site's old connection is sent again
-                status, reply = self._ask(target, name, message, max(1.0, min(5.0, budget / 3)))
+                status, _ = self._ask(target, name, message, max(1.0, min(5.0, budget / 3)))
                 if status == "ok":
-                    acked.add(target)
-                    pending.remove(target)
-                elif status == "down":
+                    return True
+                if status == "down":
                     end += self.config.request_to_submit_result_interval  # the server's outage is not theirs
-            if not pending or time.monotonic() >= end:
-                break
-            time.sleep(self.config.request_to_submit_result_interval)
-        return acked
+                if time.monotonic() >= end or self._stop.is_set():
+                    return False
+                time.sleep(self.config.request_to_submit_result_interval)
+
+        with ThreadPoolExecutor(max_workers=min(16, len(targets))) as pool:
+            return {t for t, ok in zip(targets, pool.map(one, targets), strict=True) if ok}
 
     def _scatter(self, r: int, mid: str) -> None:
         data = self._data(mid)
