@@ -73,9 +73,16 @@ def test_chunk_routes_check_every_byte_and_grant(server: FedServer, base: AsgiTr
         assert err.value.status == 422 and err.value.code == "invalid_digest"
     site.put_chunk(digest, data)
     assert site.missing_chunks([digest]) == []
+    assert site.get_chunk(digest) == data  # its uploader holds it: reading it back discloses nothing
+    other = SiteApi(base.with_token(fed.token("site-2")), "site-2")
     with pytest.raises(AuthError) as denied:  # never given a manifest naming it
-        site.get_chunk(digest)
+        other.get_chunk(digest)
     assert denied.value.status == 403 and "never given a manifest" in str(denied.value)
+    with pytest.raises(RemoteError) as err:  # a repeat upload proves possession only with the right bytes
+        other.put_chunk(digest, data + b"!")
+    assert err.value.status == 422 and err.value.code == "chunk_integrity"
+    with pytest.raises(AuthError):
+        other.get_chunk(digest)
     assert AdminApi(base).transport.request("GET", f"/v1/chunks/{digest}").body == data
 
 
