@@ -501,9 +501,7 @@ class SwarmClientController:
         if self.site in self.config.result_clients:
             for key, digest in (("model", end.get("last")), ("best_model", end.get("best"))):
                 if isinstance(digest, str):
-                    if self.store.missing([digest]) or self.store.missing(
-                            Manifest.from_bytes(self.store.get(digest)).chunk_digests()
-                            if not self.store.missing([digest]) else []):
+                    if not self._held(digest):
                         self._download(f"{self.end_id}/{key}", digest)
                     out[key] = ref(digest)
         self.end = out
@@ -532,7 +530,7 @@ class SwarmClientController:
             self._fire(mid, "train", {})
         maybe_crash(r, "train")
         digest = str(task["model"]["$tensors"])
-        if self.store.missing([digest]) or self.store.missing(self._chunks_of(digest)):
+        if not self._held(digest):
             self._download(mid, digest)
         model = self._load(digest)
         site_task = SiteTask(job_id=self.job_id, task_id=mid, client_task_id=mid, name=self.config.learn_task_name,
@@ -564,8 +562,11 @@ class SwarmClientController:
 
             gc.collect()
 
-    def _chunks_of(self, digest: str) -> list[str]:
-        return [] if self.store.missing([digest]) else Manifest.from_bytes(self.store.get(digest)).chunk_digests()
+    def _held(self, digest: str) -> bool:
+        """True when the local store holds the manifest and every chunk it names."""
+        if self.store.missing([digest]):
+            return False
+        return not self.store.missing(Manifest.from_bytes(self.store.get(digest)).chunk_digests())
 
     def _aggregator_of(self, mid: str) -> str:
         return str(self._data(mid)["aggregator"])
