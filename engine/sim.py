@@ -181,9 +181,13 @@ class Simulation:
         if self.o.executor is not None:
             argv += ["--executor-pickle", str(self.workdir / "executor.pkl")]
         else:
-            executor = self.o.spec.get("executor")
-            if isinstance(executor, str) and ":" in executor:
-                argv += ["--preload", executor.split(":", 1)[0]]  # import the ML stack while the server starts
+            # import the ML stack (and warm it up) while the server starts: the executor's
+            # module, and the learner's when the executor runs one (the swarm's)
+            args = self.o.spec.get("args")
+            learner = args.get("learner") if isinstance(args, dict) else None
+            for target in (self.o.spec.get("executor"), learner):
+                if isinstance(target, str) and ":" in target:
+                    argv += ["--preload", target.split(":", 1)[0]]
         env = self._env
         self.client_armed[site] = None
         if self.site_points[site]:
