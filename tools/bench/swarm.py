@@ -18,7 +18,11 @@ fresh server's chunk routes alone (1 MiB chunks, 4 requests in flight per proces
 blake3-verified into a local chunk store, synced): N − 1 uploads, one process
 downloading them, one upload, N − 1 downloads — the phases in sequence, as a round
 orders them (a swarm aggregator may already download one result while others upload,
-so the floor is, if anything, high). JSON on stdout.
+so the floor is, if anything, high). Also ``compute_floor_s``: the CPU a round needs
+besides moving bytes (N trainers' model load, SGD step and result packing, divided by
+the cores, plus the aggregator's weighted mean), measured in this process; and
+``round_floor_s`` = relay floor + compute floor, below which no round can go here.
+JSON on stdout.
 
 NVFlare's swarm is not run: see ``nvflare_swarm`` in the output for why.
 """
@@ -174,6 +178,47 @@ def relay_floor(work: Path, sites: int) -> dict[str, Any]:
             "relay_floor_phases_s": [round(x, 3) for x in (up, down, up2, down2)]}
 
 
+def compute_floor(work: Path, sites: int) -> dict[str, Any]:
+    """The CPU a round needs besides moving bytes, measured here in one process, warm.
+
+    Per trainer: load the global model from a chunk store, one SGD step
+    (``engine.jobs.mlp.local_steps``), pack and store the result (blake3 on every chunk);
+    the N trainers run in parallel, so they cost ``N x that / cores``. Then the
+    aggregator loads the N results and takes their weighted mean, packed and stored:
+    one process, so that is serial. ``round_floor_s`` = relay floor + both: on this
+    machine no round can be shorter.
+    """
+    import torch
+
+    from engine.chunks import LocalChunkStore
+    from engine.jobs.mlp import initial_state, local_steps
+    from engine.tensors import load, pack
+    from engine.tensors import store as store_packed
+    from engine.workflows.builtin import weighted_mean_tensors
+
+    torch.set_num_threads(1)
+    chunks = LocalChunkStore(work / "compute-floor")
+    model = store_packed(pack(initial_state(HIDDEN, DEPTH)), chunks)
+    local_steps(load(chunks, model), "warm-up", 0, steps=1)  # torch's one-time set-up is not a round's cost
+    started = time.perf_counter()
+    results = []
+    for i in range(sites):
+        new = local_steps(load(chunks, model), f"site-{i + 1}", 1, steps=1, batch=64)
+        results.append(store_packed(pack(new), chunks))
+        chunks.sync()
+    train_cpu = time.perf_counter() - started
+    started = time.perf_counter()
+    mean, _, _ = weighted_mean_tensors({f"site-{i + 1}": {"model": load(chunks, d), "n": 64}
+                                        for i, d in enumerate(results)})
+    store_packed(pack(mean), chunks)
+    chunks.sync()
+    aggregate = time.perf_counter() - started
+    chunks.close()
+    cores = os.cpu_count() or 1
+    return {"train_cpu_s": round(train_cpu, 3), "aggregate_s": round(aggregate, 3),
+            "compute_floor_s": round(train_cpu / min(cores, sites) + aggregate, 3)}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5 (about a minute per config)")
@@ -193,11 +238,16 @@ def main() -> int:
             run = measure_run(Path(tmp) / "run", n, rounds)
             print(f"[swarm] relay floor, {n} processes", file=sys.stderr, flush=True)
             floor = relay_floor(Path(tmp) / "floor", n)
+            compute = compute_floor(Path(tmp), n)
         bound = (3 * n - 2) * model_bytes
         configs.append({"sites": n, "model_mib": round(model_bytes / MIB, 2), "model_bytes": model_bytes,
-                        "rounds": rounds, **run, **floor, "bound_bytes_per_round": bound,
+                        "rounds": rounds, **run, **floor, **compute,
+                        "round_floor_s": round(floor["relay_floor_s"] + compute["compute_floor_s"], 3),
+                        "bound_bytes_per_round": bound,
                         "bytes_ratio_to_bound": round(run["bytes_per_round"] / bound, 4),
                         "round_minus_floor_s": round(run["round_s"] - floor["relay_floor_s"], 3),
+                        "round_minus_round_floor_s": round(run["round_s"] - floor["relay_floor_s"]
+                                                           - compute["compute_floor_s"], 3),
                         "cores": os.cpu_count()})
     print(json.dumps({"bench": "swarm", "quick": args.quick, "configs": configs, "nvflare_swarm": NVFLARE_NOTE},
                      indent=2))
