@@ -11,7 +11,10 @@ with one torch thread, on the CPU; FedAvg weighted by examples.
   ``engine.jobs.mlp:train``.
 - **NVFlare**: its ``FedAvgRecipe`` for PyTorch run by ``SimEnv`` (the simulator),
   the client script using the Client API with the same compute as
-  ``engine.jobs.mlp.local_steps`` (copied below, line for line). NVFlare is *not* a
+  ``engine.jobs.mlp.local_steps`` (the same steps below). Both write the SGD step out
+  (``param -= lr * grad``, bit-identical to ``torch.optim.SGD`` without momentum):
+  ``torch.optim``'s first use imports torch's compiler stack, 1.5 s of CPU in every
+  site process, which neither system needs. NVFlare is *not* a
   dependency of fedlog: the script makes its own venv (``--venv``, default
   ``build/bench-nvflare-venv``), installs ``torch==2.13.0`` first (the CPU build, so
   no CUDA build is pulled), then ``nvflare==2.9.0``.
@@ -94,14 +97,15 @@ while flare.is_running():
     received = flare.receive()
     model.load_state_dict({k: torch.as_tensor(v) for k, v in received.params.items()})
     generator = torch.Generator().manual_seed(zlib.crc32(f"{received.current_round}/{site}".encode()))
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr)
+    params = list(model.parameters())
     loss_fn = nn.CrossEntropyLoss()
     for _ in range(args.steps):
         x = torch.randn(args.batch, 256, generator=generator)
         y = torch.randint(0, 10, (args.batch,), generator=generator)
-        optimizer.zero_grad()
-        loss_fn(model(x), y).backward()
-        optimizer.step()
+        grads = torch.autograd.grad(loss_fn(model(x), y), params)
+        with torch.no_grad():
+            for param, grad in zip(params, grads):
+                param.add_(grad, alpha=-args.lr)
     params = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if not isinstance(next(iter(received.params.values())), torch.Tensor):
         params = {k: v.numpy() for k, v in params.items()}
