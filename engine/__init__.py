@@ -6,38 +6,90 @@ Import the public API from here; deeper modules may move. ``__all__`` is pinned 
 
 from __future__ import annotations
 
-from engine.charts.loader import load_chart, load_charts, parse_chart
-from engine.charts.model import Chart, ChartState, ChartTransition, StateTimeout
-from engine.charts.registry import ChartRegistry
-from engine.clock import Clock, ManualClock, SystemClock
-from engine.config import Durability, Settings
-from engine.errors import (
-    AuthError,
-    ChartError,
-    ChartValidationError,
-    ClientDisconnected,
-    ConcurrencyConflict,
-    ConfigError,
-    EngineError,
-    GuardRejected,
-    HttpError,
-    InvalidEventData,
-    LeaseHeld,
-    LogCorrupted,
-    NondeterminismError,
-    RemoteError,
-    SchemaError,
-    StoreError,
-    TaskError,
-    TransitionRejected,
-    TransportError,
-    UnknownMachine,
-)
-from engine.log.memory import MemoryRecorder
-from engine.log.recorder import EventRecorder, MachineRow, NewEvent, StoredEvent
-from engine.log.sql import SqlRecorder, open_recorder
-from engine.machines.runtime import RecoveryReport, Runtime
-from engine.machines.state import MachineState
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from engine.charts.loader import load_chart, load_charts, parse_chart
+    from engine.charts.model import Chart, ChartState, ChartTransition, StateTimeout
+    from engine.charts.registry import ChartRegistry
+    from engine.clock import Clock, ManualClock, SystemClock
+    from engine.config import Durability, Settings
+    from engine.errors import (
+        AuthError,
+        ChartError,
+        ChartValidationError,
+        ClientDisconnected,
+        ConcurrencyConflict,
+        ConfigError,
+        EngineError,
+        GuardRejected,
+        HttpError,
+        InvalidEventData,
+        LeaseHeld,
+        LogCorrupted,
+        NondeterminismError,
+        RemoteError,
+        SchemaError,
+        StoreError,
+        TaskError,
+        TransitionRejected,
+        TransportError,
+        UnknownMachine,
+    )
+    from engine.log.memory import MemoryRecorder
+    from engine.log.recorder import EventRecorder, MachineRow, NewEvent, StoredEvent
+    from engine.log.sql import SqlRecorder, open_recorder
+    from engine.machines.runtime import RecoveryReport, Runtime
+    from engine.machines.state import MachineState
+
+#: public name -> the module defining it, imported on first use (PEP 562): a process that
+#: imports one submodule (a site's worker child, say) does not pay for the SQL layer's import
+_LAZY = {
+    "load_chart": "engine.charts.loader",
+    "load_charts": "engine.charts.loader",
+    "parse_chart": "engine.charts.loader",
+    "Chart": "engine.charts.model",
+    "ChartState": "engine.charts.model",
+    "ChartTransition": "engine.charts.model",
+    "StateTimeout": "engine.charts.model",
+    "ChartRegistry": "engine.charts.registry",
+    "Clock": "engine.clock",
+    "ManualClock": "engine.clock",
+    "SystemClock": "engine.clock",
+    "Durability": "engine.config",
+    "Settings": "engine.config",
+    "AuthError": "engine.errors",
+    "ChartError": "engine.errors",
+    "ChartValidationError": "engine.errors",
+    "ClientDisconnected": "engine.errors",
+    "ConcurrencyConflict": "engine.errors",
+    "ConfigError": "engine.errors",
+    "EngineError": "engine.errors",
+    "GuardRejected": "engine.errors",
+    "HttpError": "engine.errors",
+    "InvalidEventData": "engine.errors",
+    "LeaseHeld": "engine.errors",
+    "LogCorrupted": "engine.errors",
+    "NondeterminismError": "engine.errors",
+    "RemoteError": "engine.errors",
+    "SchemaError": "engine.errors",
+    "StoreError": "engine.errors",
+    "TaskError": "engine.errors",
+    "TransitionRejected": "engine.errors",
+    "TransportError": "engine.errors",
+    "UnknownMachine": "engine.errors",
+    "MemoryRecorder": "engine.log.memory",
+    "EventRecorder": "engine.log.recorder",
+    "MachineRow": "engine.log.recorder",
+    "NewEvent": "engine.log.recorder",
+    "StoredEvent": "engine.log.recorder",
+    "SqlRecorder": "engine.log.sql",
+    "open_recorder": "engine.log.sql",
+    "RecoveryReport": "engine.machines.runtime",
+    "Runtime": "engine.machines.runtime",
+    "MachineState": "engine.machines.state",
+}
 
 __version__ = "0.1.0"
 
@@ -87,3 +139,16 @@ __all__ = [
     "open_recorder",
     "parse_chart",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
