@@ -1,8 +1,12 @@
 """``fedlog simulate``: a server and N client sites as real processes on loopback, with kills.
 
 The simulation provisions a federation in its work folder, starts ``fedlog server``
-on the embedded default (or ``--db URL``) and one ``fedlog client`` per site, each with
-its own local log, submits the job and watches it to the end. Kills are real SIGKILLs:
+on the embedded default (or ``--db URL``) and the sites, each with its own local log,
+chunk store and connection, submits the job and watches it to the end. A site that a
+kill may touch runs in a ``fedlog client`` process of its own; the others share one
+(``fedlog client`` with several ``--identity``, a thread each), so the ML stack is
+imported once rather than once per site (``process_per_site`` turns that off). Kills
+are real SIGKILLs:
 
 - ``kill_server_at``: ``ROUND.PHASE`` crash points (``engine.faults``): the server kills
   itself exactly there (a result recorded but not yet answered, an aggregation not yet
@@ -74,6 +78,9 @@ class SimOptions:
     executor: Callable[..., Any] | None = None
     timeout: float = 600.0
     keep: bool = False
+    #: one process per site even for the sites no kill touches (by default those share one
+    #: process, a thread each, so the ML stack is imported once)
+    process_per_site: bool = False
     progress: IO[str] | None = None
 
 
@@ -172,12 +179,26 @@ class Simulation:
         self.port, self.url = self.server.port, self.server.url
         self.server_starts += 1
 
-    def _start_client(self, site: str) -> None:
+    def _start_clients(self) -> None:
+        """Start every site: the ones a kill may touch in a process each (a SIGKILL takes the whole
+        process), the others together in one process (one import of the ML stack, not one per site)."""
+        disturbed = [s for s in self.sites if self.site_points[s] or self.client_appends[s]]
+        together = [s for s in self.sites if s not in disturbed]
+        if self.o.process_per_site or len(together) < 2:
+            disturbed, together = self.sites, []
+        for site in disturbed:
+            self._start_client(site)
+        if together:
+            self._start_client(*together)
+
+    def _start_client(self, *sites: str) -> None:
+        """One client process serving ``sites`` (restarted sites always get a process of their own)."""
         logs = self.workdir / "logs"
         logs.mkdir(exist_ok=True)
-        argv = [sys.executable, "-m", "engine.cli", "client", "--identity", str(self.workdir / "fed" / site),
-                "--server", self.url, "--log", str(self.workdir / f"{site}.db"), "--poll-wait", "5",
+        argv = [sys.executable, "-m", "engine.cli", "client", "--server", self.url, "--poll-wait", "5",
                 "--backoff-cap", "0.5"]
+        for site in sites:
+            argv += ["--identity", str(self.workdir / "fed" / site), "--log", str(self.workdir / f"{site}.db")]
         if self.o.executor is not None:
             argv += ["--executor-pickle", str(self.workdir / "executor.pkl")]
         else:
@@ -189,8 +210,11 @@ class Simulation:
                 if isinstance(target, str) and ":" in target:
                     argv += ["--preload", target.split(":", 1)[0]]
         env = self._env
+        site = sites[0]
         self.client_armed[site] = None
-        if self.site_points[site]:
+        if len(sites) > 1:
+            pass  # sites sharing a process are never armed (see _start_clients)
+        elif self.site_points[site]:
             point, leave = self.site_points[site][0]
             env = {**self._env, CRASH_ENV: point}
             self.client_armed[site] = f"crash point {point}" + (", then leaves" if leave else "")
@@ -198,9 +222,12 @@ class Simulation:
             events, how = self.client_appends[site].pop(0)
             env = {**self._env, APPENDS_ENV: str(events)}
             self.client_armed[site] = how
-        out = open(logs / f"{site}.out", "ab")  # noqa: SIM115 - lives as long as the child
-        err = open(logs / f"{site}.err", "ab")  # noqa: SIM115
-        self.clients[site] = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        name = site if len(sites) == 1 else f"sites-{sites[0]}-{sites[-1]}"
+        out = open(logs / f"{name}.out", "ab")  # noqa: SIM115 - lives as long as the child
+        err = open(logs / f"{name}.err", "ab")  # noqa: SIM115
+        proc = subprocess.Popen(argv, stdout=out, stderr=err, env=env)
+        for each in sites:
+            self.clients[each] = proc
         out.close()
         err.close()
 
@@ -249,8 +276,7 @@ class Simulation:
             (self.workdir / "executor.pkl").write_bytes(cloudpickle.dumps(self.o.executor))
         self._plan()
         try:
-            for site in self.sites:
-                self._start_client(site)
+            self._start_clients()
             self._start_server()
             self._say(f"server listening at {self.url}; {len(self.sites)} client(s) started")
             admin = AdminApi(HttpTransport(self.url, load_identity(self.workdir / "fed" / "admin").token,
@@ -312,8 +338,8 @@ class Simulation:
                     else:
                         self._kill_client(kill.target)
             self._restart_if_dead()
-            for site, proc in self.clients.items():
-                if proc.poll() is not None and site not in self.left:
+            for site, proc in list(self.clients.items()):
+                if proc.poll() is not None and site not in self.left and self.clients[site] is proc:
                     armed = self.client_armed[site]
                     if armed is not None and proc.returncode == -signal.SIGKILL:
                         self.kills.append(_Kill(time.monotonic() - self.t0, site, armed, done=True))
@@ -346,7 +372,7 @@ class Simulation:
             time.sleep(0.05)
 
     def _stop_all(self) -> None:
-        for proc in self.clients.values():
+        for proc in {id(p): p for p in self.clients.values()}.values():
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         if self.server is not None and self.server.process is not None and self.server.process.poll() is None:
@@ -372,13 +398,15 @@ class Simulation:
                 for event in log.read():
                     if event.trigger in by_trigger:
                         counts[by_trigger[event.trigger]] += 1
-        path = self.workdir / "logs" / f"{site}.out"
-        for line in path.read_bytes().splitlines() if path.exists() else []:
-            try:
-                entry = orjson.loads(line)
-            except orjson.JSONDecodeError:
-                continue
-            counts["resubmitted"] += int(entry.get("resubmitted", 0))
+        # its stop lines: in its own process's output, or in that of the process it shared
+        for path in sorted((self.workdir / "logs").glob("*.out")):
+            for line in path.read_bytes().splitlines():
+                try:
+                    entry = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue
+                if isinstance(entry, dict) and entry.get("site") == site:
+                    counts["resubmitted"] += int(entry.get("resubmitted", 0))
         return counts
 
     def _summary(self, job: dict[str, Any], wall: float, result: dict[str, Any],

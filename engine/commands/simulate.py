@@ -51,6 +51,9 @@ def register(sub: Any) -> None:
     parser.add_argument("--kill-client-random", action="append", type=int, default=[], metavar="SEED",
                         help="SIGKILL random sites at random log positions chosen by SEED; repeatable")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    parser.add_argument("--process-per-site", action="store_true",
+                        help="start every site in a process of its own (default: sites no kill touches share "
+                             "one process, a thread each, so torch is imported once)")
     parser.set_defaults(func=cmd_simulate)
 
 
@@ -60,7 +63,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                          kill_server_at=args.kill_server_at, kill_server_after=args.kill_server_after,
                          kill_server_random=args.kill_server_random, kill_client_random=args.kill_client_random,
                          kill_site_at=args.kill_site_at, leave_site_at=args.leave_site_at,
-                         timeout=args.timeout, keep=args.keep, progress=sys.stderr)
+                         timeout=args.timeout, keep=args.keep, progress=sys.stderr,
+                         process_per_site=args.process_per_site)
     summary = simulate(options)
     if args.json:
         print(orjson.dumps(summary).decode())
