@@ -24,7 +24,11 @@ the cores, plus the aggregator's weighted mean), measured in this process; and
 ``round_floor_s`` = relay floor + compute floor, below which no round can go here.
 JSON on stdout.
 
-NVFlare's swarm is not run: see ``nvflare_swarm`` in the output for why.
+Side by side, NVFlare 2.9's swarm on the same job (``nvflare_swarm.py``: its
+``SwarmLearningRecipe`` in its simulator, in the benchmark's own venv with
+torch==2.13.0 installed first): its ``round_s`` measured the same way, from its sites'
+log lines, and ``speedup_per_round`` = NVFlare's round / fedlog's. ``--skip-nvflare``
+leaves it out, and so does ``--quick``.
 """
 
 from __future__ import annotations
@@ -223,10 +227,18 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 rounds instead of 5 (about a minute per config)")
     parser.add_argument("--sites", type=int, nargs="*", default=[4, 8])
+    parser.add_argument("--skip-nvflare", action="store_true", help="measure fedlog and the floors only")
+    parser.add_argument("--venv", default="build/bench-nvflare-venv", help="NVFlare's own venv (made if missing)")
     parser.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return _worker(*args.worker)
+    sys.path.insert(0, str(Path(__file__).parent))
+    import nvflare_swarm
+    import vs_nvflare
+
+    # --quick stays about a minute: NVFlare's own start-up alone takes 10-16 s per run here
+    python = None if args.skip_nvflare or args.quick else vs_nvflare.nvflare_venv(Path(args.venv).resolve())
     from engine.jobs.mlp import initial_state
 
     model_bytes = sum(t.numel() * t.element_size() for t in initial_state(HIDDEN, DEPTH).values())
@@ -239,6 +251,16 @@ def main() -> int:
             print(f"[swarm] relay floor, {n} processes", file=sys.stderr, flush=True)
             floor = relay_floor(Path(tmp) / "floor", n)
             compute = compute_floor(Path(tmp), n)
+            nvflare: dict[str, Any] = {}
+            if python is not None:
+                print(f"[swarm] NVFlare 2.9 swarm, {n} sites", file=sys.stderr, flush=True)
+                try:
+                    nvf = nvflare_swarm.run_nvflare_swarm(python, n, rounds, Path(tmp) / "nvflare")
+                    nvflare = {"nvflare_round_s": nvf["round_s"], "nvflare_round_s_each": nvf["round_s_each"],
+                               "nvflare_wall_s": nvf["wall_s"], "nvflare_peak_rss_bytes": nvf["peak_rss_bytes"],
+                               "speedup_per_round": round(nvf["round_s"] / run["round_s"], 2)}
+                except RuntimeError as exc:
+                    nvflare = {"nvflare_error": str(exc)[-2000:]}
         bound = (3 * n - 2) * model_bytes
         configs.append({"sites": n, "model_mib": round(model_bytes / MIB, 2), "model_bytes": model_bytes,
                         "rounds": rounds, **run, **floor, **compute,
@@ -248,14 +270,12 @@ def main() -> int:
                         "round_minus_floor_s": round(run["round_s"] - floor["relay_floor_s"], 3),
                         "round_minus_round_floor_s": round(run["round_s"] - floor["relay_floor_s"]
                                                            - compute["compute_floor_s"], 3),
+                        **nvflare,
                         "cores": os.cpu_count()})
-    print(json.dumps({"bench": "swarm", "quick": args.quick, "configs": configs, "nvflare_swarm": NVFLARE_NOTE},
-                     indent=2))
+    print(json.dumps({"bench": "swarm", "quick": args.quick, "configs": configs,
+                      "nvflare": None if python is None else nvflare_swarm.NVFLARE_VERSION}, indent=2))
     return 0
 
-
-NVFLARE_NOTE = ("not run: no side-by-side NVFlare 2.9 swarm job was built in this session "
-                "(tools/bench/vs_nvflare.py covers FedAvg); see the closing note")
 
 if __name__ == "__main__":
     sys.exit(main())
