@@ -7,7 +7,10 @@ step on synthetic data, so every weight (every chunk) changes every round and
 deduplication hides nothing. From the sites' own logs:
 
 - ``round_s``: the mean time from one round's learn task to the next's (the last
-  round: to the swarm's end), on the site that saw it first;
+  round: to the swarm's end), on the site that saw it first, with every site in a
+  process of its own (as deployed; ``--process-per-site``);
+  ``shared_process_round_s``: the same with the sites sharing one client process
+  (``fedlog simulate``'s default), which must end with the same model;
 - ``bytes_per_round``: the chunk bytes the stream sessions of each round moved
   (trainer uploads, the aggregator's downloads, the aggregate's upload, and the next
   round's model downloads), averaged over the rounds that have a next round;
@@ -63,10 +66,11 @@ def _site_events(db: Path) -> list[Any]:
         return list(log.read())
 
 
-def measure_run(work: Path, sites: int, rounds: int) -> dict[str, Any]:
+def measure_run(work: Path, sites: int, rounds: int, process_per_site: bool = True) -> dict[str, Any]:
     from engine.sim import SimOptions, simulate
 
-    summary = simulate(SimOptions(spec=spec(sites, rounds), clients=sites, workdir=work, timeout=1800))
+    summary = simulate(SimOptions(spec=spec(sites, rounds), clients=sites, workdir=work, timeout=1800,
+                                  process_per_site=process_per_site))
     if summary["status"] != "finished":
         raise SystemExit(f"the swarm run failed: {summary['reason']}")
     starts: dict[int, int] = {}
@@ -248,6 +252,10 @@ def main() -> int:
         with tempfile.TemporaryDirectory(prefix="fedlog-swarm-bench-") as tmp:
             print(f"[swarm] {n} sites, {rounds} rounds", file=sys.stderr, flush=True)
             run = measure_run(Path(tmp) / "run", n, rounds)
+            print(f"[swarm] {n} sites sharing one client process", file=sys.stderr, flush=True)
+            shared = measure_run(Path(tmp) / "shared", n, rounds, process_per_site=False)
+            if shared["model_hash"] != run["model_hash"]:
+                raise SystemExit("the two runs of the same seeded swarm ended with different models")
             print(f"[swarm] relay floor, {n} processes", file=sys.stderr, flush=True)
             floor = relay_floor(Path(tmp) / "floor", n)
             compute = compute_floor(Path(tmp), n)
@@ -264,6 +272,8 @@ def main() -> int:
         bound = (3 * n - 2) * model_bytes
         configs.append({"sites": n, "model_mib": round(model_bytes / MIB, 2), "model_bytes": model_bytes,
                         "rounds": rounds, **run, **floor, **compute,
+                        "shared_process_round_s": shared["round_s"],
+                        "shared_process_round_s_each": shared["round_s_each"],
                         "round_floor_s": round(floor["relay_floor_s"] + compute["compute_floor_s"], 3),
                         "bound_bytes_per_round": bound,
                         "bytes_ratio_to_bound": round(run["bytes_per_round"] / bound, 4),

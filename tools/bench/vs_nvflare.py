@@ -6,9 +6,12 @@ D=3 (8,939,530, 34.1 MiB); 2 or 4 clients; 2 or 5 rounds; each round every clien
 runs 20 SGD steps (batch 64, lr 0.01) on synthetic data seeded by site and round,
 with one torch thread, on the CPU; FedAvg weighted by examples.
 
-- **fedlog**: ``fedlog simulate`` (one server process and one process per site on
-  loopback, SQLite logs, chunk stores), the ``fedavg_torch`` workflow and
-  ``engine.jobs.mlp:train``.
+- **fedlog**: ``fedlog simulate`` (a server process and the sites on loopback, each
+  site with its own SQLite log, chunk store and connection; as ``fedlog simulate``
+  does by default, the sites share one client process, a thread each, like NVFlare's
+  simulator runs its clients in its own worker processes), the ``fedavg_torch``
+  workflow and ``engine.jobs.mlp:train``. ``--process-per-site`` measures fedlog
+  with a process per site as well (``fedlog_pps_*`` keys).
 - **NVFlare**: its ``FedAvgRecipe`` for PyTorch run by ``SimEnv`` (the simulator),
   the client script using the Client API with the same compute as
   ``engine.jobs.mlp.local_steps`` (the same steps below). Both write the SGD step out
@@ -204,7 +207,8 @@ def floor(clients: int, model_mib: int, rounds: int) -> tuple[float, float]:
     return serial, serial / max(1, min(os.cpu_count() or 1, clients))
 
 
-def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path) -> tuple[float, int]:
+def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path, process_per_site: bool = False
+               ) -> tuple[float, int]:
     hidden, depth = MODELS[model_mib]
     spec = {"name": f"mlp-{model_mib}mib", "workflow": "fedavg_torch", "executor": "engine.jobs.mlp:train",
             "min_sites": clients,
@@ -212,9 +216,10 @@ def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path) -> tuple[f
                      "rounds": rounds, "steps": STEPS, "batch": BATCH, "lr": LR}}
     path = work / f"fedlog-{clients}-{model_mib}-{rounds}.json"
     path.write_text(json.dumps(spec))
-    workdir = work / f"fedlog-run-{clients}-{model_mib}-{rounds}"
+    workdir = work / f"fedlog-run-{clients}-{model_mib}-{rounds}-{int(process_per_site)}"
     wall, peak, text = run_measured([sys.executable, "-m", "engine", "simulate", str(path), "--clients", str(clients),
-                                     "--json", "--workdir", str(workdir)])
+                                     "--json", "--workdir", str(workdir)]
+                                    + ["--process-per-site"] * process_per_site)
     summary = json.loads(text.strip().splitlines()[-1])
     if summary.get("status") != "finished":
         raise RuntimeError(f"fedlog job did not finish: {summary}")
@@ -257,6 +262,8 @@ def main() -> None:
     parser.add_argument("--out", help="also write the JSON here")
     parser.add_argument("--venv", default="build/bench-nvflare-venv", help="NVFlare's own venv (made if missing)")
     parser.add_argument("--skip-nvflare", action="store_true", help="measure fedlog and the floor only")
+    parser.add_argument("--process-per-site", action="store_true",
+                        help="also run fedlog with every site in a process of its own")
     parser.add_argument("--only", action="append", default=[], metavar="CLIENTS:MIB:ROUNDS",
                         help="run only this configuration (repeatable), e.g. 4:34:5")
     args = parser.parse_args()
@@ -275,6 +282,9 @@ def main() -> None:
                                      "serial_floor_s": round(serial, 3), "floor_s": round(par, 3),
                                      "fedlog_wall_s": round(f_wall, 3), "fedlog_overhead_s": round(f_wall - par, 3),
                                      "fedlog_peak_rss_bytes": f_peak}
+            if args.process_per_site:
+                p_wall, p_peak = run_fedlog(clients, model_mib, rounds, work, process_per_site=True)
+                entry.update({"fedlog_pps_wall_s": round(p_wall, 3), "fedlog_pps_peak_rss_bytes": p_peak})
             if python is not None:
                 n_wall, n_peak = run_nvflare(python, clients, model_mib, rounds, work)
                 entry.update({"nvflare_wall_s": round(n_wall, 3), "nvflare_overhead_s": round(n_wall - par, 3),
