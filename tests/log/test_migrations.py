@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 from alembic.script import ScriptDirectory
@@ -288,3 +289,20 @@ def test_processes_opening_a_fresh_database_at_once(sql_url: str) -> None:
     assert migrate.check(sql_url) == []
     with open_recorder(sql_url) as rec:
         assert sorted(m.machine_id for m in rec.machines()) == [f"p{i}" for i in range(n)]
+
+
+def test_the_fast_path_head_is_alembics_head() -> None:
+    """Opening an up-to-date log skips Alembic by comparing with ``migrate.HEAD``: a new migration must move it."""
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    assert script.get_current_head() == migrate.HEAD
+
+
+def test_opening_an_up_to_date_log_does_not_import_alembic(tmp_path: Path) -> None:
+    db = tmp_path / "log.db"
+    with open_recorder(db):
+        pass  # created and upgraded (Alembic runs)
+    probe = ("import sys; from engine.log.sql import open_recorder\n"
+             f"with open_recorder({str(db)!r}): pass\n"
+             "print('alembic' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
