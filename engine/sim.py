@@ -26,6 +26,7 @@ result, which is how a crashed run is compared with an uncrashed one.
 
 from __future__ import annotations
 
+import importlib
 import os
 import random
 import shutil
@@ -34,6 +35,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -46,7 +48,6 @@ from engine.client.api import AdminApi
 from engine.client.transport import HttpTransport
 from engine.errors import ConfigError, EngineError, RemoteError, TransportError
 from engine.faults import APPENDS_ENV, CRASH_ENV, PHASES, crash_points
-from engine.log.sql import open_recorder
 from engine.provision import SERVER_DIR, load_identity, provision
 from engine.server.serve import ServerProcess
 
@@ -166,6 +167,10 @@ class Simulation:
         args = ["server", "--credentials", str(fed / SERVER_DIR), "--db", db, "--chunks",
                 str(self.workdir / "server.chunks"), "--host", "127.0.0.1",
                 "--port", str(self.port), "--no-tls", "--heartbeat-timeout", "30", "--dead-grace", "30"]
+        job_args = self.o.spec.get("args")
+        model = job_args.get("model") if isinstance(job_args, dict) else None
+        if isinstance(model, str) and ":" in model and self.server_starts == 0:
+            args += ["--preload", model.split(":", 1)[0]]  # the initial model's child imports torch meanwhile
         env = dict(self._env)
         self.server_armed = None
         if self.points:
@@ -291,6 +296,8 @@ class Simulation:
             self._note_traffic(admin)
             admin.transport.close()
         finally:
+            # the sites' logs are read once they stop: import the SQL layer while they do
+            threading.Thread(target=importlib.import_module, args=("engine.log.sql",), daemon=True).start()
             self._stop_all()
         return self._summary(final, wall, result, sites)
 
@@ -357,7 +364,8 @@ class Simulation:
                     self._start_client(site)
             try:
                 job = admin.show_job(job_id)
-                self._note_traffic(admin)
+                if self.points or self.server_appends or any(k.target == "server" and not k.done for k in self.kills):
+                    self._note_traffic(admin)  # an incarnation about to die: its counts die with it
             except TransportError:
                 time.sleep(0.05)
                 continue
@@ -394,6 +402,10 @@ class Simulation:
         by_trigger = {"compute": "executed", "acknowledge": "submitted", "drop": "dropped", "fail": "failed"}
         db = self.workdir / f"{site}.db"
         if db.exists():
+            from engine.log.sql import (
+                open_recorder,  # here: the SQL layer's import is not start-up's cost
+            )
+
             with open_recorder(db) as log:
                 for event in log.read():
                     if event.trigger in by_trigger:

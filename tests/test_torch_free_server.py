@@ -78,3 +78,25 @@ def test_a_model_built_in_a_child_process_has_the_address_of_one_built_here() ->
 
 def count_parameters(state: dict[str, torch.Tensor]) -> int:
     return sum(v.numel() for v in state.values())
+
+
+def test_a_prewarmed_child_serves_one_call_with_the_same_result_then_is_gone() -> None:
+    from engine.workflows import isolated
+
+    here, there = MemoryChunkStore(), MemoryChunkStore()
+    kwargs = {"hidden": 16, "depth": 1, "seed": 2}
+    isolated.prewarm(["engine.jobs.mlp"])
+    warm = isolated._warm
+    assert warm is not None and warm.poll() is None
+    direct = make_payload("engine.jobs.mlp:initial_state", kwargs, here, isolate=False)
+    assert make_payload("engine.jobs.mlp:initial_state", kwargs, there, isolate=True) == direct
+    assert warm.returncode == 0 and isolated._warm is None  # it served that call and exited
+    # a warm child that died waiting is replaced by a fresh one; a failing call still says why
+    isolated.prewarm(["engine.jobs.mlp"])
+    assert isolated._warm is not None
+    isolated._warm.kill()
+    isolated._warm.wait()
+    assert make_payload("engine.jobs.mlp:initial_state", kwargs, MemoryChunkStore(), isolate=True) == direct
+    isolated.prewarm(["engine.jobs.mlp"])
+    with pytest.raises(EngineError, match="failed in its child process"):
+        make_payload("engine.jobs.mlp:no_such_function", {}, there, isolate=True)

@@ -47,6 +47,9 @@ def register(sub: Any) -> None:
                              "CLIENT_DEAD (default 30)")
     parser.add_argument("--lease-wait", type=float, default=15.0,
                         help="seconds to wait for a previous server's writer lease (default 15)")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="start the child that builds the next job's initial model now, importing MODULE "
+                             "(e.g. the model's module, so torch is loaded before the job arrives); repeatable")
     parser.set_defaults(func=cmd_server)
 
 
@@ -67,6 +70,10 @@ def cmd_server(args: argparse.Namespace) -> int:
     settings = ServerSettings(heartbeat_timeout=args.heartbeat_timeout, dead_grace=args.dead_grace,
                               client_dead_grace=args.client_dead_grace, limits=limits)
     options = options_from_args(args)
+    if args.preload:
+        from engine.workflows.isolated import prewarm
+
+        prewarm(args.preload)
     server = _open(args, settings)
 
     def ready(url: str) -> None:

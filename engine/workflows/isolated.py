@@ -8,15 +8,23 @@ payloads cross as a folder holding the manifest and its chunks (verified by addr
 when they come back), results as JSON. When torch is already loaded (tests, an
 in-process server) the function runs here, with the same result: a payload's address
 depends only on its bytes.
+
+A fresh child pays for importing torch (~1 s of CPU) on the job's critical path.
+``prewarm(modules)`` (``fedlog server --preload MODULE``) starts one child at once that
+imports the modules and waits: the next isolated call runs there, then it exits, so no
+torch process outlives the call it served.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +64,46 @@ def _read(folder: Path) -> tuple[Manifest, dict[str, bytes]]:
     return manifest, chunks
 
 
+_CHILD = [sys.executable, "-m", "engine.workflows.isolated"]
+_warm: subprocess.Popen[str] | None = None
+_warm_lock = threading.Lock()
+
+
+def prewarm(modules: list[str]) -> None:
+    """Start a child that imports ``modules`` now and runs the next isolated call (then exits)."""
+    global _warm
+    with _warm_lock:
+        if _warm is None or _warm.poll() is not None:
+            _warm = subprocess.Popen([*_CHILD, "serve", *modules], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+
+
+def _take_warm() -> subprocess.Popen[str] | None:
+    global _warm
+    with _warm_lock:
+        child, _warm = _warm, None
+    if child is not None and child.poll() is not None:
+        child.communicate()
+        return None  # it died waiting (its stdin closed, or an import failed): start a fresh one
+    return child
+
+
 def _run(args: list[str], what: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "engine.workflows.isolated", *args], capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        tail = (done.stderr or done.stdout).strip().splitlines()[-5:]
-        raise EngineError(f"{what} failed in its child process (exit {done.returncode}): " + " | ".join(tail))
+    child = _take_warm()
+    if child is not None:
+        try:
+            out, err = child.communicate(json.dumps(args) + "\n")
+            code = child.returncode
+        except BrokenPipeError:
+            child.kill()
+            child.communicate()
+            child = None
+    if child is None:
+        done = subprocess.run([*_CHILD, *args], capture_output=True, text=True, check=False)
+        out, err, code = done.stdout, done.stderr, done.returncode
+    if code != 0:
+        tail = (err or out).strip().splitlines()[-5:]
+        raise EngineError(f"{what} failed in its child process (exit {code}): " + " | ".join(tail))
 
 
 def make_payload(fn: str, kwargs: dict[str, Any], store: ChunkStore, *, isolate: bool | None = None) -> str:
@@ -94,7 +136,16 @@ def call_on_payload(fn: str, digest: str, store: ChunkStore, *, isolate: bool | 
 
 
 def main(argv: list[str]) -> None:
-    """The child: ``make FN KWARGS_JSON DIR`` or ``call FN DIR``."""
+    """The child: ``make FN KWARGS_JSON DIR`` or ``call FN DIR``; ``serve MODULE...`` imports the
+    modules, then reads one such command (a JSON list) from stdin and runs it (EOF: exits)."""
+    if argv[0] == "serve":
+        for module in argv[1:]:
+            with contextlib.suppress(Exception):  # the call itself reports a module that fails to import
+                importlib.import_module(module)
+        line = sys.stdin.readline()
+        if not line.strip():
+            return
+        argv = json.loads(line)
     if argv[0] == "make":
         fn, kwargs, folder = argv[1], json.loads(argv[2]), Path(argv[3])
         packed = pack(load_callable(fn, "model")(**kwargs))

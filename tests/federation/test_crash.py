@@ -126,3 +126,17 @@ def test_torch_fedavg_killed_mid_round_ends_with_the_same_model_hash(tmp_path: P
     assert crashed["result_hash"] == clean["result_hash"]
     assert crashed["server_starts"] == 4
     check_counted_once(str(tmp_path / "crashed" / "server.db"))
+
+
+def test_untouched_sites_share_one_process_and_sites_to_be_killed_get_their_own(tmp_path: Path) -> None:
+    summary = run(tmp_path, "mixed", kill_client_random=[3])
+    assert summary["status"] == "finished"
+    outs = {p.stem for p in (tmp_path / "mixed" / "logs").glob("*.out")}
+    own = {name for name in outs if not name.startswith("sites-")}
+    shared = [name for name in outs if name.startswith("sites-")]
+    killed = {site for site, s in summary["sites"].items() if s["restarts"]}
+    assert killed and killed <= own, (killed, outs)
+    untouched = sorted(set(summary["sites"]) - own)
+    if len(untouched) >= 2:
+        assert shared == [f"sites-{untouched[0]}-{untouched[-1]}"], outs
+    assert all(s["executed"] >= 1 for s in summary["sites"].values())
