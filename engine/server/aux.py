@@ -13,7 +13,9 @@ every target's envelope ``{"status", "reply"}``:
 - ``sent``: a fire-and-forget request was queued (closed once delivered).
 
 A request naming tensor payloads (``{"$tensors": <manifest>}``) that the sender
-uploaded or was given lets its targets download them (``ChunkAccess.share``).
+uploaded or was given lets its targets download them (``ChunkAccess.share``). The
+grants are memory, so each target's recorded request lists what was shared
+(``shared``) and a restarted server grants it again at boot (``restore_shares``).
 
 Sites may address only sites of a job they belong to (the running job's sites), and
 only the addressed site can take a request from its mailbox or reply to it. Mailboxes
@@ -119,11 +121,14 @@ class AuxHub:
         replies: dict[str, Any] = {}
         waiting: list[_Pending] = []
         # payloads the request names (a submission, a learn task) become readable by its site targets
-        self.server.chunk_access.share(sender, [t for t in targets if t in members and t != sender], request)
+        shared = self.server.chunk_access.share(sender, [t for t in targets if t in members and t != sender],
+                                                request)
         for target in dict.fromkeys(targets):
             machine_id = f"{job_id}.aux.{request_id}/{target}"
             data = {"request_id": request_id, "sender": sender, "target": target, "topic": topic,
                     "request": request, "timeout": timeout, "fire_and_forget": fire_and_forget}
+            if shared and target in members and target != sender:
+                data["shared"] = shared  # grants are memory: a restarted server re-grants these (restore_shares)
             await self.runtime.create_async(KIND, machine_id=machine_id, data=data, job_id=job_id,
                                             site=None if target == SERVER_TARGET else target, deadline_us=deadline)
             if target != SERVER_TARGET and target not in members:
@@ -152,6 +157,25 @@ class AuxHub:
                     await self._expire(p)
                     replies[p.target] = {"status": "timeout", "reply": None}
         return {"request_id": request_id, "replies": replies}
+
+    def restore_shares(self, job_id: str) -> int:
+        """Re-grant what the job's recorded aux requests shared (a restarted server lost its grants).
+
+        Only the digests recorded as shared are granted: they were checked when the request
+        was made (the sender could read them), so naming an address is still not holding it.
+        Returns how many (request, target) grants were restored.
+        """
+        restored = 0
+        access = self.server.chunk_access
+        for event in self.server.recorder.read(job_id=job_id):
+            data = event.data or {}
+            if event.kind != KIND or event.trigger != "create" or not data.get("shared"):
+                continue
+            for digest in data["shared"]:
+                access.note_upload(str(data["sender"]), str(digest))
+                access.grant(str(data["target"]), {"$tensors": str(digest)})
+            restored += 1
+        return restored
 
     async def _serve(self, machine_id: str, sender: str, topic: str, request: Any) -> dict[str, Any]:
         handler = self._handlers.get(topic)

@@ -70,15 +70,15 @@ class ChunkAccess:
         with self._lock:
             self._allowed.setdefault(site, set()).add(digest)
 
-    def share(self, sender: str, targets: list[str], value: Any) -> int:
-        """Grant ``targets`` the payloads referenced in ``value`` that ``sender`` may read; return how many."""
-        shared = 0
+    def share(self, sender: str, targets: list[str], value: Any) -> list[str]:
+        """Grant ``targets`` the payloads referenced in ``value`` that ``sender`` may read; return those."""
+        shared = []
         for digest in refs_in(value):
             if not self.allows(sender, digest):
                 continue  # naming an address is not holding it: the target gets a 403 and says so
             for target in targets:
                 self.grant(target, {"$tensors": digest})
-            shared += 1
+            shared.append(digest)
         return shared
 
     def allows(self, site: str, digest: str) -> bool:

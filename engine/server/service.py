@@ -159,6 +159,8 @@ class FedServer:
         self.manager.start()
         self.jobs.start()
         live = [row.machine_id for row in self.recorder.machines(kind="job", live_only=True)]
+        for job_id in live:  # payloads sites shared through the relay stay readable by their targets
+            self.aux.restore_shares(job_id)
         self.boot = BootReport(time.perf_counter() - started, report.last_seq, recovered.standing,
                                report.timers_armed, len(self.site_names), min(live) if live else None)
         logger.info("boot: %s", self.boot)

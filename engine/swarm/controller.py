@@ -55,7 +55,7 @@ from engine.machines.runtime import Runtime
 from engine.streams import ReceiveSession, SendSession
 from engine.swarm.config import STATUS_TOPIC, SwarmConfig
 from engine.swarm.gatherer import Gatherer, Submission
-from engine.tensors import Manifest, has_tensors, pack, ref, unpack
+from engine.tensors import Manifest, has_tensors, pack, ref, refs_in, unpack
 from engine.tensors import store as store_packed
 
 __all__ = ["KIND", "STATUS_TOPIC", "SwarmClientController", "SwarmFailed", "SwarmInterrupted"]
@@ -200,6 +200,7 @@ class SwarmClientController:
         if target == self.site:
             return "ok", self.handle(self.topic(name), request, self.site)
         try:
+            self._prove_holding(request)
             envelope = self._send(target, self.topic(name), request, timeout)
         except (TransportError, RemoteError) as exc:
             if isinstance(exc, RemoteError) and exc.status == 403:
@@ -211,6 +212,17 @@ class SwarmClientController:
         if status == "timeout":
             return "silent", None  # the target's process did not answer (dead, or its poll was lost)
         return "starting", None  # it answered without a swarm handler (not running its assignment yet) or failed
+
+    def _prove_holding(self, request: dict[str, Any]) -> None:
+        """PUT the manifests ``request`` names (a few KB each) before it is sent.
+
+        The server lets a request's targets read the payloads it names only if the sender
+        may (it uploaded them or was given them), and a restarted server has forgotten
+        uploads made before it died; a manifest PUT again (its bytes checked) proves it anew.
+        """
+        for digest in refs_in(request):
+            if not self.store.missing([digest]):
+                self.api.put_chunk(digest, self.store.get(digest))
 
     def _upload(self, machine_id: str, digest: str, crash_round: int | None = None, session: str = "send") -> None:
         """Put a manifest's chunks the server lacks (resumable session), then the manifest (proof of holding it)."""

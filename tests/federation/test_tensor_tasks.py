@@ -212,3 +212,32 @@ def test_a_completion_reported_without_the_earlier_steps_still_counts(server: Fe
     assert figures is not None and figures["state"] == "released"
     assert figures["num_task_data_sent"] == 1 and figures["num_task_skipped"] == 1
     assert streamer.cached_bytes == 0
+
+
+def test_a_restarted_server_grants_again_what_recorded_aux_requests_shared(server: FedServer) -> None:
+    from engine.server.chunk_routes import ChunkAccess
+    from engine.tensors import store
+
+    digest = store(pack({"w": torch.arange(6, dtype=torch.float32)}), server.chunks)
+    request = {"round": 1, "model": ref(digest)}
+    for target, shared in (("site-2", [digest]), ("site-3", None)):  # site-1 could not read it for site-3's
+        data = {"request_id": "r1", "sender": "site-1", "target": target, "topic": "swarm.learn",
+                "request": request, "timeout": 5.0, "fire_and_forget": False}
+        if shared:
+            data["shared"] = shared
+        server.runtime.create("aux", machine_id=f"job-x.aux.r1/{target}", data=data, job_id="job-x", site=target,
+                              deadline_us=server.clock.now_us() + 5_000_000)
+    server.chunk_access = ChunkAccess(server.chunks)  # what a restart leaves: no grants at all
+    assert not server.chunk_access.allows("site-2", digest)
+    assert server.aux.restore_shares("job-x") == 1
+    manifest_chunks = set(load_manifest_chunks(server, digest))
+    assert server.chunk_access.allows("site-2", digest)
+    assert all(server.chunk_access.allows("site-2", d) for d in manifest_chunks)
+    assert server.chunk_access.allows("site-1", digest)  # its sender held it
+    assert not server.chunk_access.allows("site-3", digest)  # naming an address is still not holding it
+
+
+def load_manifest_chunks(server: FedServer, digest: str) -> list[str]:
+    from engine.tensors import Manifest
+
+    return Manifest.from_bytes(server.chunks.get(digest)).chunk_digests()
