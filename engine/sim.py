@@ -161,7 +161,7 @@ class Simulation:
         if self.o.progress is not None:
             print(f"[{time.monotonic() - self.t0:6.2f}s] {text}", file=self.o.progress, flush=True)
 
-    def _start_server(self) -> None:
+    def _start_server(self, wait: bool = True) -> None:
         fed = self.workdir / "fed"
         db = self.o.db or str(self.workdir / "server.db")
         args = ["server", "--credentials", str(fed / SERVER_DIR), "--db", db, "--chunks",
@@ -180,9 +180,15 @@ class Simulation:
             events, how = self.server_appends.pop(0)
             env[APPENDS_ENV] = str(events)
             self.server_armed = how
-        self.server = ServerProcess(args, env=env, module="engine.cli").start(timeout=60)
-        self.port, self.url = self.server.port, self.server.url
+        self.server = ServerProcess(args, env=env, module="engine.cli").launch()
         self.server_starts += 1
+        if wait:
+            self._server_ready()
+
+    def _server_ready(self) -> None:
+        assert self.server is not None
+        self.server.wait_ready(timeout=60)
+        self.port, self.url = self.server.port, self.server.url
 
     def _start_clients(self) -> None:
         """Start every site: the ones a kill may touch in a process each (a SIGKILL takes the whole
@@ -281,8 +287,11 @@ class Simulation:
             (self.workdir / "executor.pkl").write_bytes(cloudpickle.dumps(self.o.executor))
         self._plan()
         try:
+            # the server first (its child starts building the initial model at once), the
+            # sites while it starts (they retry until it listens on the port chosen above)
+            self._start_server(wait=False)
             self._start_clients()
-            self._start_server()
+            self._server_ready()
             self._say(f"server listening at {self.url}; {len(self.sites)} client(s) started")
             admin = AdminApi(HttpTransport(self.url, load_identity(self.workdir / "fed" / "admin").token,
                                            timeout=30))
@@ -377,7 +386,7 @@ class Simulation:
                 last = text
             if job["state"] in _TERMINAL:
                 return job
-            time.sleep(0.05)
+            time.sleep(0.1)  # each look costs the server a query: 10 a second is plenty
 
     def _stop_all(self) -> None:
         for proc in {id(p): p for p in self.clients.values()}.values():

@@ -250,11 +250,19 @@ class ServerProcess:
         Raises:
             ConfigError: it exited or stayed silent past ``timeout`` (its stderr is quoted).
         """
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> ServerProcess:
+        """Start the child without waiting for it (``wait_ready`` does)."""
         # kept open for the child's lifetime (closed in kill), so not a with-block
         self._stderr = tempfile.TemporaryFile()  # noqa: SIM115
         self.process = subprocess.Popen(self.argv, stdout=subprocess.PIPE, stderr=self._stderr,
                                         env=self._env, cwd=self._cwd)
-        assert self.process.stdout is not None
+        return self
+
+    def wait_ready(self, timeout: float = 30.0) -> ServerProcess:
+        """Wait for the launched child's ``listening`` line (see ``start``)."""
+        assert self.process is not None and self.process.stdout is not None, "not launched"
         line = _read_line(self.process.stdout, time.monotonic() + timeout)
         if line is None:
             self.kill()

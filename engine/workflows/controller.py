@@ -37,6 +37,7 @@ import asyncio
 import concurrent.futures
 import hashlib
 import logging
+import os
 import random
 import threading
 from collections.abc import Coroutine, Mapping, MutableMapping
@@ -48,7 +49,7 @@ from engine.errors import EngineError, NondeterminismError, TaskError
 from engine.log.recorder import EventRecorder
 from engine.tasks import Task, TaskCompletionStatus, TaskManager, TaskOutcome
 from engine.tasks.spec import BROADCAST, METHODS, RELAY, SEND, SendOrder, as_json
-from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, ref_digest, replace_refs
+from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, ref_digest, refs_in, replace_refs
 from engine.tensors import load as tensor_load
 from engine.tensors import store as tensor_store
 
@@ -335,7 +336,14 @@ class Controller:
         ``arrays``: numpy arrays where numpy has the dtypes (aggregation without torch).
         """
         chunks = self._chunks()
-        return replace_refs(value, lambda digest: tensor_load(chunks, digest, arrays=arrays))
+        digests = refs_in(value)
+        if len(digests) < 2:
+            return replace_refs(value, lambda digest: tensor_load(chunks, digest, arrays=arrays))
+        # several payloads (a round's results): read and verified on the machine's cores at once
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(digests), os.cpu_count() or 1, 8)) as pool:
+            loaded = dict(zip(digests, pool.map(lambda d: tensor_load(chunks, d, arrays=arrays), digests),
+                              strict=True))
+        return replace_refs(value, loaded.__getitem__)
 
     def make_tensors(self, fn: str, kwargs: dict[str, Any] | None = None) -> dict[str, str]:
         """Store the payload ``fn(**kwargs)`` returns (``package.module:function``); return its reference.
