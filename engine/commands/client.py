@@ -142,7 +142,6 @@ def cmd_client(args: argparse.Namespace) -> int:
         raise ConfigError(f"give one --log per --identity: {len(identities)} identities, {len(logs)} logs")
     if len(set(identities)) != len(identities):
         raise ConfigError("the same --identity was given twice")
-    _preload(args.preload)
     executor = _executor(args)
     agents: list[tuple[str, SiteAgent, Any]] = []
     try:
@@ -162,6 +161,9 @@ def cmd_client(args: argparse.Namespace) -> int:
             entry[1].stop()
 
     signal.signal(signal.SIGTERM, stop_all)
+    # after the agents exist (their logs open, charts parsed): the import would slow that
+    # start-up down (one GIL), and the first task is further off than the agents' first poll
+    _preload(args.preload)
     if len(agents) == 1:
         results = [_serve(agents[0][1], args.exit_when_idle)]
     else:
