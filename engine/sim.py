@@ -221,11 +221,9 @@ class Simulation:
                 if isinstance(target, str) and ":" in target:
                     argv += ["--preload", target.split(":", 1)[0]]
         env = self._env
-        site = sites[0]
+        site = sites[0]  # sites sharing a process have no kills to arm (see _start_clients)
         self.client_armed[site] = None
-        if len(sites) > 1:
-            pass  # sites sharing a process are never armed (see _start_clients)
-        elif self.site_points[site]:
+        if self.site_points[site]:
             point, leave = self.site_points[site][0]
             env = {**self._env, CRASH_ENV: point}
             self.client_armed[site] = f"crash point {point}" + (", then leaves" if leave else "")

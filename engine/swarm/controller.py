@@ -326,16 +326,18 @@ class SwarmClientController:
             g = self._gatherers[r] = Gatherer.from_events(self.config, r, trainers, events)
         return g
 
-    def _aggregating_state(self, r: int) -> tuple[str | None, dict[str, Any] | None]:
+    def _open_gatherer(self, r: int) -> Gatherer | dict[str, Any]:
+        """Round ``r``'s gatherer while it is gathering here, else the answer to give the trainer."""
         state = self._state(self.aggr_id(r))
         if state == "superseded":
-            by = self._data(self.aggr_id(r)).get("by")
-            return state, {"status": "superseded", "by": by}
+            return {"status": "superseded", "by": self._data(self.aggr_id(r)).get("by")}
         if state is None:
-            return None, {"status": "not_ready"}
+            return {"status": "not_ready"}
         if state not in ("gathering", "min_received"):
-            return state, {"status": "closed"}
-        return state, None
+            return {"status": "closed"}
+        g = self._gatherer(r)
+        assert g is not None
+        return g
 
     def _on_request_submit(self, req: dict[str, Any], sender: str) -> dict[str, Any]:
         """Grant a submission slot; while all ``max_concurrent_submissions`` are taken, hold the request
@@ -345,11 +347,9 @@ class SwarmClientController:
         hold_until = time.monotonic() + min(2.0, self.config.request_to_submit_result_msg_timeout / 2)
         with self._slots:
             while True:
-                _, answer = self._aggregating_state(r)
-                if answer is not None:
-                    return answer
-                g = self._gatherer(r)
-                assert g is not None
+                g = self._open_gatherer(r)
+                if isinstance(g, dict):
+                    return g
                 now = self.runtime.clock.now_us()
                 verdict = g.can_accept_submission(site, now)
                 if verdict == "ok":
@@ -365,11 +365,9 @@ class SwarmClientController:
         r, site = int(req["round"]), str(req["site"])
         model = str((req.get("result") or {}).get("$tensors"))
         with self._lock:
-            _, answer = self._aggregating_state(r)
-            if answer is not None:
-                return answer
-            g = self._gatherer(r)
-            assert g is not None
+            g = self._open_gatherer(r)
+            if isinstance(g, dict):
+                return g
             if site in g.accepted:
                 return {"status": "duplicate"}
             if site not in g.grants and site != self.site:
@@ -377,11 +375,9 @@ class SwarmClientController:
         if site != self.site:
             self._download(f"{self.aggr_id(r)}/{site}", model)  # verified chunks, durable before `accept`
         with self._lock:
-            state, answer = self._aggregating_state(r)
-            if answer is not None:
-                return answer
-            g = self._gatherer(r)
-            assert g is not None
+            g = self._open_gatherer(r)
+            if isinstance(g, dict):
+                return g
             sub = Submission(site, model, float(req["n"]), _num(req.get("metric")))
             if not g.gather(sub):
                 return {"status": "duplicate"}
