@@ -14,6 +14,15 @@ process died are not lost either: at open, the tail of each pack past its last
 indexed record is scanned, every record whose bytes still hash to their digest is
 indexed, and the file is cut at the first torn record. Reads verify the digest; a
 corrupt copy is dropped from the index (and so fetched again), never returned.
+
+Synced pack bytes older than the newest ``cache_window`` are dropped from the page
+cache (``posix_fadvise(DONTNEED)``): a store writes a model-sized payload per round
+and reads most of it at most once, soon after writing it. Left cached, the packs
+grow the page cache by every payload, and each new cache page is memory the kernel
+must find and fill (on virtual machines that hand idle memory back to the host, a
+fresh page costs ~10x a recycled one: writing a new file measured 330 MB/s against
+4-5 GB/s into recycled pages). Dropped pages are clean (already fsynced) and are
+recycled by the next writes; a read of an old chunk comes from disk.
 """
 
 from __future__ import annotations
@@ -35,6 +44,8 @@ MAGIC = b"FLC1"
 _HEADER = struct.Struct("<4sI32s")
 #: start a new pack file past this size
 PACK_LIMIT = 256 << 20
+#: synced pack bytes kept in the page cache behind the write position (see the module docstring)
+CACHE_WINDOW = 96 << 20
 
 Progress = Callable[[int, int], None]
 
@@ -42,11 +53,13 @@ Progress = Callable[[int, int], None]
 class LocalChunkStore(ChunkStore):
     """Chunks in pack files under ``directory`` (created if needed)."""
 
-    def __init__(self, directory: str | Path, *, pack_limit: int = PACK_LIMIT) -> None:
+    def __init__(self, directory: str | Path, *, pack_limit: int = PACK_LIMIT,
+                 cache_window: int = CACHE_WINDOW) -> None:
         self.directory = Path(directory)
         self.packs_dir = self.directory / "packs"
         self.packs_dir.mkdir(parents=True, exist_ok=True)
         self.pack_limit = pack_limit
+        self.cache_window = cache_window
         self._lock = threading.RLock()
         self._lock_fd = os.open(self.directory / "LOCK", os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -66,6 +79,8 @@ class LocalChunkStore(ChunkStore):
         self._dirty = False
         self.recovered = self._recover_tails()
         self._pack, self._fd, self._size = self._open_current()
+        #: the current pack's bytes before this offset were dropped from the page cache
+        self._uncached = 0
 
     # -- files -----------------------------------------------------------------------------
 
@@ -82,11 +97,18 @@ class LocalChunkStore(ChunkStore):
         self._begin()
         self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (self._pack, self._size))
         os.fsync(self._fd)
+        self._uncache(self._size)
         os.close(self._fd)
         number = int(self._pack[5:11]) + 1
         self._pack = f"pack-{number:06d}.pack"
         self._fd = os.open(self.packs_dir / self._pack, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = 0
+        self._size = self._uncached = 0
+
+    def _uncache(self, end: int) -> None:
+        """Drop the current pack's synced bytes before ``end`` from the page cache (they are on disk)."""
+        if end > self._uncached and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd, self._uncached, end - self._uncached, os.POSIX_FADV_DONTNEED)
+            self._uncached = end
 
     def _reader(self, pack: str) -> int:
         fd = self._readers.get(pack)
@@ -169,6 +191,8 @@ class LocalChunkStore(ChunkStore):
             self._db.execute("COMMIT")
             self._in_tx = False
             self._dirty = False
+            if self._size - self._uncached > self.cache_window:
+                self._uncache(self._size - self.cache_window)
 
     def stat(self, digest: str) -> ChunkStat | None:
         with self._lock:

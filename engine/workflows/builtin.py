@@ -140,6 +140,57 @@ def cyclic(ctl: Controller, model: Model, rounds: int = 1, targets: list[str] | 
     return model
 
 
+#: elements summed per step of ``_mean_array``: its float64 buffers (2 x 256 KiB) stay in a core's cache
+_BLOCK = 1 << 15
+
+
+def _mean_array(values: list[tuple[Any, float]], total: float, like: Any) -> Any:
+    """sum(n * float64(value)) / total over ``values`` in their order, rounded to ``like``'s dtype.
+
+    Block by block: each block's sum is built in two cache-sized float64 buffers
+    instead of two model-sized ones, so a 34 MiB model averages over 4 sites in ~50 ms
+    instead of ~150-300 ms. Every element still sees the same operations in the same
+    order (widen, multiply by n, add in site order, divide, round once), so the bits are
+    those of the whole-array formula.
+    """
+    import numpy as np
+
+    out = np.empty(like.shape, dtype=like.dtype)
+    flat_out = out.reshape(-1)
+    flats = [(np.asarray(value).reshape(-1), n) for value, n in values]
+    size = flat_out.size
+    acc = np.empty(min(size, _BLOCK), dtype=np.float64)
+    buf = np.empty_like(acc)
+    for lo in range(0, size, _BLOCK):
+        hi = min(size, lo + _BLOCK)
+        a, b = acc[:hi - lo], buf[:hi - lo]
+        a.fill(0.0)
+        for flat, n in flats:  # site order: the same sum wherever it runs
+            np.multiply(flat[lo:hi], n, out=b, dtype=np.float64)
+            np.add(a, b, out=a)
+        np.divide(a, total, out=a)
+        flat_out[lo:hi] = a  # rounded to the dtype as astype() rounds
+    return out
+
+
+def _mean_tensor(values: list[tuple[Any, float]], total: float, like: Any) -> Any:
+    """``_mean_array`` for torch tensors (through numpy views), or in torch for dtypes numpy lacks."""
+    import torch
+
+    try:
+        arrays = [(value.detach().cpu().numpy(), n) for value, n in values]
+        template = like.detach().cpu().numpy()
+    except TypeError:  # bfloat16, float8, ...: numpy has no such dtype
+        acc = torch.zeros(like.shape, dtype=torch.float64)
+        buf = torch.empty(like.shape, dtype=torch.float64)
+        for value, n in values:
+            buf.copy_(value)
+            buf.mul_(n)
+            acc.add_(buf)
+        return acc.div_(total).to(like.dtype)
+    return torch.from_numpy(_mean_array(arrays, total, template))
+
+
 def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list[str], float]:
     """The n-weighted mean of sites' state_dicts, summed in site order in float64 (reproducible).
 
@@ -156,33 +207,6 @@ def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list
     sites = sorted(updates)
     first = updates[sites[0]]["model"]
     arrays = isinstance(first, dict) and all(isinstance(v, np.ndarray) for v in first.values())
-    # Each site's value is widened into one reused float64 buffer, scaled and added in
-    # place: the same two roundings as ``sums += n * float64(value)`` without allocating
-    # two model-sized temporaries per site (4x faster on a 34 MiB model).
-    if arrays:
-        def zeros(v: Any) -> Any:
-            return np.zeros(v.shape, dtype=np.float64)
-
-        def accumulate(acc: Any, buf: Any, value: Any, n: float) -> None:
-            np.multiply(value, n, out=buf, dtype=np.float64)
-            np.add(acc, buf, out=acc)
-
-        def narrow(s: Any, like: Any) -> Any:
-            return np.divide(s, total, out=s).astype(like.dtype)
-    else:
-        import torch
-
-        def zeros(v: Any) -> Any:
-            return torch.zeros(v.shape, dtype=torch.float64)
-
-        def accumulate(acc: Any, buf: Any, value: Any, n: float) -> None:
-            buf.copy_(value)
-            buf.mul_(n)
-            acc.add_(buf)
-
-        def narrow(s: Any, like: Any) -> Any:
-            return s.div_(total).to(like.dtype)
-
     weights: list[tuple[dict[str, Any], float]] = []
     for site in sites:
         update = updates[site]
@@ -202,15 +226,13 @@ def weighted_mean_tensors(updates: dict[str, Any]) -> tuple[dict[str, Any], list
     total = 0.0
     for _, n in weights:
         total += n
+    mean = _mean_array if arrays else _mean_tensor
 
     def mean_of(key: str) -> Any:
-        acc, buf = zeros(first[key]), zeros(first[key])
-        for model, n in weights:  # site order: the same sum wherever it runs
-            accumulate(acc, buf, model[key], n)
-        return narrow(acc, first[key])
+        return mean([(model[key], n) for model, n in weights], total, first[key])
 
-    # tensors are independent and both libraries release the GIL in these loops: the big
-    # ones are summed on the machine's cores at once (each still in site order, same bits)
+    # tensors are independent and numpy releases the GIL in these loops: the big ones are
+    # averaged on the machine's cores at once (each still in site order, same bits)
     keys = list(first)
     workers = min(len(keys), os.cpu_count() or 1, 8)
     if workers > 1 and sum(int(np.prod(first[k].shape)) for k in keys) >= 1 << 20:
@@ -240,8 +262,10 @@ def fedavg_torch(ctl: Controller, model: str, rounds: int = 3, min_clients: int 
     current = state["model"]
     for r in range(state["round"], rounds):
         ctl.logger.info("round %d: broadcasting %r", r, task_name)
+        # each result's tensors are read as it arrives, while slower sites still train
         outcome = ctl.broadcast_and_wait(
-            Task(task_name, data={"round": r, "model": current, **train_args}, timeout=timeout),
+            ctl.prefetching(Task(task_name, data={"round": r, "model": current, **train_args}, timeout=timeout),
+                            arrays=True),
             targets=targets, min_responses=min_clients)
         updates = ctl.load_tensors(outcome.by_site(), arrays=True)
         mean, sites, total = weighted_mean_tensors(updates)

@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 from engine import faults
 from engine.errors import EngineError, NondeterminismError, TaskError
 from engine.log.recorder import EventRecorder
-from engine.tasks import Task, TaskCompletionStatus, TaskManager, TaskOutcome
+from engine.tasks import ClientTaskView, Task, TaskCompletionStatus, TaskManager, TaskOutcome
 from engine.tasks.spec import BROADCAST, METHODS, RELAY, SEND, SendOrder, as_json
 from engine.tensors import DEFAULT_CHUNK_SIZE, pack, ref, ref_digest, refs_in, replace_refs
 from engine.tensors import load as tensor_load
@@ -197,6 +197,9 @@ class Controller:
         self._rng = random.Random(_seed(job_id, 0))
         self._lock = threading.Lock()
         self._inflight: set[concurrent.futures.Future[Any]] = set()
+        #: payloads being read ahead of ``load_tensors`` (see ``prefetching``): (digest, arrays) -> future
+        self._prefetched: dict[tuple[str, bool], concurrent.futures.Future[Any]] = {}
+        self._prefetcher: concurrent.futures.ThreadPoolExecutor | None = None
         self._stopping = False
         self._aborted: str | None = None
         #: task waits begun so far, and whether one is under way (read on the loop)
@@ -249,6 +252,14 @@ class Controller:
             self._stopping = True
             for future in self._inflight:
                 future.cancel()
+        self.close()
+
+    def close(self) -> None:
+        """Let go of payloads read ahead and of the thread reading them (the workflow is over)."""
+        with self._lock:
+            prefetcher, self._prefetcher, self._prefetched = self._prefetcher, None, {}
+        if prefetcher is not None:
+            prefetcher.shutdown(wait=False, cancel_futures=True)
 
     def mark_aborted(self, reason: str) -> None:
         """Make every later controller call raise (the job was aborted)."""
@@ -334,16 +345,63 @@ class Controller:
         """``value`` with every tensor reference replaced by its payload, read (verified) from the store.
 
         ``arrays``: numpy arrays where numpy has the dtypes (aggregation without torch).
+        Payloads a ``prefetching`` task already read are taken from there; the rest of
+        what was read ahead is let go (a round's results are loaded once).
         """
         chunks = self._chunks()
+        with self._lock:
+            ahead, self._prefetched = self._prefetched, {}
         digests = refs_in(value)
-        if len(digests) < 2:
-            return replace_refs(value, lambda digest: tensor_load(chunks, digest, arrays=arrays))
-        # several payloads (a round's results): read and verified on the machine's cores at once
-        with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(digests), os.cpu_count() or 1, 8)) as pool:
-            loaded = dict(zip(digests, pool.map(lambda d: tensor_load(chunks, d, arrays=arrays), digests),
-                              strict=True))
+        loaded: dict[str, Any] = {}
+        rest = []
+        for digest in digests:
+            future = ahead.get((digest, arrays))
+            if future is not None:
+                try:
+                    loaded[digest] = future.result()
+                    continue
+                except Exception:  # noqa: BLE001 - read it again here, where a failure is the caller's
+                    pass
+            rest.append(digest)
+        if len(rest) == 1:
+            loaded[rest[0]] = tensor_load(chunks, rest[0], arrays=arrays)
+        elif rest:
+            # several payloads (a round's results): read and verified on the machine's cores at once
+            with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(rest), os.cpu_count() or 1, 8)) as pool:
+                loaded.update(zip(rest, pool.map(lambda d: tensor_load(chunks, d, arrays=arrays), rest),
+                                  strict=True))
         return replace_refs(value, loaded.__getitem__)
+
+    def prefetching(self, task: Task, *, arrays: bool = False) -> Task:
+        """``task``, set to read each site's result payloads as the result arrives.
+
+        The reads run on threads of their own while the other sites are still training
+        or uploading, so the ``load_tensors`` of the outcome finds them done instead of
+        reading a whole round's results after the last one came in. Only what the
+        result references is read, verified as always, and the bytes are the same either
+        way: a restarted (replayed) workflow, which receives no callbacks for results
+        recorded before, loads them in ``load_tensors`` with the same outcome. A
+        ``result_received_cb`` the task already has runs first.
+        """
+        chunks = self._chunks()
+        user_cb = task.result_received_cb
+
+        async def received(view: ClientTaskView) -> None:
+            if user_cb is not None:
+                outcome = user_cb(view)
+                if asyncio.iscoroutine(outcome):
+                    await outcome
+            for digest in refs_in(view.result):
+                with self._lock:
+                    if self._prefetcher is None:
+                        self._prefetcher = concurrent.futures.ThreadPoolExecutor(
+                            max_workers=2, thread_name_prefix="fedlog-prefetch")
+                    if (digest, arrays) not in self._prefetched:
+                        self._prefetched[(digest, arrays)] = self._prefetcher.submit(
+                            tensor_load, chunks, digest, arrays=arrays)
+
+        task.result_received_cb = received
+        return task
 
     def make_tensors(self, fn: str, kwargs: dict[str, Any] | None = None) -> dict[str, str]:
         """Store the payload ``fn(**kwargs)`` returns (``package.module:function``); return its reference.

@@ -102,6 +102,8 @@ class WorkflowRunner:
             return
         except BaseException as exc:  # noqa: BLE001 - whatever the workflow raised is its outcome
             end = ("error", exc)
+        finally:
+            ctl.close()
         try:
             asyncio.run_coroutine_threadsafe(self._end(*end), loop)
         except RuntimeError:  # the loop closed under us: nothing can be recorded

@@ -179,3 +179,43 @@ def test_deleted_chunks_stay_deleted_after_a_reopen(tmp_path: Path) -> None:
     reopened = LocalChunkStore(tmp_path / "c")
     assert reopened.recovered == 0 and reopened.missing([a, b]) == [b]
     reopened.close()
+
+
+def _resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache now (mincore over a private mapping of the file)."""
+    import ctypes
+    import mmap
+
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    libc = ctypes.CDLL(None, use_errno=True)
+    vec = (ctypes.c_ubyte * pages)()
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_COPY) as mapped:
+        view = (ctypes.c_char * size).from_buffer(mapped)
+        try:
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(size), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del view
+    return sum(v & 1 for v in vec) * mmap.PAGESIZE
+
+
+def test_synced_packs_leave_the_page_cache_behind_a_window_and_still_read_back(tmp_path: Path) -> None:
+    window = 1 << 20
+    store = LocalChunkStore(tmp_path / "s", cache_window=window)
+    chunks = {}
+    for i in range(32):
+        data = os.urandom(256 << 10)
+        chunks[hash_bytes(data)] = data
+        store.put(hash_bytes(data), data)
+        if i % 4 == 3:
+            store.sync()
+    pack = next((tmp_path / "s" / "packs").glob("pack-*.pack"))
+    assert pack.stat().st_size > 8 * window
+    # the window, give or take pages the kernel was still batching: not the 8 MiB written
+    assert _resident_bytes(pack) <= 2 * window, _resident_bytes(pack)
+    assert all(store.get(d) == data for d, data in chunks.items())  # dropped pages are read from disk
+    store.close()
+    with LocalChunkStore(tmp_path / "s") as again:
+        assert again.missing(chunks) == []
+

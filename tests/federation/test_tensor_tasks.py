@@ -241,3 +241,31 @@ def load_manifest_chunks(server: FedServer, digest: str) -> list[str]:
     from engine.tensors import Manifest
 
     return Manifest.from_bytes(server.chunks.get(digest)).chunk_digests()
+
+
+def test_fedavg_reads_each_result_once_as_it_arrives(tmp_path: Path, server: FedServer, base: AsgiTransport,
+                                                     fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from engine.workflows import controller
+
+    reads: list[tuple[str, str]] = []
+    real_load = controller.tensor_load
+
+    def counting_load(store: Any, digest: str, **kw: Any) -> Any:
+        reads.append((digest, threading.current_thread().name))
+        return real_load(store, digest, **kw)
+
+    monkeypatch.setattr(controller, "tensor_load", counting_load)
+    admin = AdminApi(base)
+    apis = {s: SiteApi(base.with_token(fed.token(s)), s) for s in SITES}
+    with agents_running(apis, tmp_path):
+        job = admin.submit_job(cnn_job())["job_id"]
+        wait_until(lambda: admin.show_job(job)["state"] in ("finished", "failed"), timeout=120)
+    assert admin.show_job(job)["state"] == "finished"
+    results = [e.data["result"]["model"]["$tensors"] for e in server.recorder.read(job_id=job)
+               if e.kind == "client_task" and e.trigger == "result"]
+    assert len(results) == 2 * len(SITES)
+    # every result was read once, on the read-ahead threads, and never again by the aggregation
+    assert sorted(d for d, _ in reads) == sorted(results)
+    assert all(name.startswith("fedlog-prefetch") for _, name in reads), reads
