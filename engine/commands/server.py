@@ -14,14 +14,14 @@ import os
 import sys
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from engine.errors import LeaseHeld
-from engine.server.http import Limits
 from engine.server.serve import add_arguments, options_from_args, serve_forever
-from engine.server.service import FedServer, ServerSettings
+
+if TYPE_CHECKING:
+    from engine.server.service import FedServer, ServerSettings
 
 __all__ = ["cmd_server", "register"]
 
@@ -54,6 +54,9 @@ def register(sub: Any) -> None:
 
 
 def _open(args: argparse.Namespace, settings: ServerSettings) -> FedServer:
+    from engine.errors import LeaseHeld
+    from engine.server.service import FedServer
+
     deadline = time.monotonic() + args.lease_wait
     while True:
         try:
@@ -66,14 +69,18 @@ def _open(args: argparse.Namespace, settings: ServerSettings) -> FedServer:
 
 def cmd_server(args: argparse.Namespace) -> int:
     """Open the log, recover, and serve until SIGINT/SIGTERM."""
+    if args.preload:
+        # first: the child's torch import then overlaps this process's own (SQL layer, app)
+        from engine.workflows.isolated import prewarm
+
+        prewarm(args.preload)
+    from engine.server.http import Limits
+    from engine.server.service import ServerSettings
+
     limits = Limits(max_json_bytes=args.max_json_bytes, max_octet_bytes=args.max_octet_bytes)
     settings = ServerSettings(heartbeat_timeout=args.heartbeat_timeout, dead_grace=args.dead_grace,
                               client_dead_grace=args.client_dead_grace, limits=limits)
     options = options_from_args(args)
-    if args.preload:
-        from engine.workflows.isolated import prewarm
-
-        prewarm(args.preload)
     server = _open(args, settings)
 
     def ready(url: str) -> None:
