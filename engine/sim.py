@@ -26,7 +26,6 @@ result, which is how a crashed run is compared with an uncrashed one.
 
 from __future__ import annotations
 
-import importlib
 import os
 import random
 import shutil
@@ -35,7 +34,6 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +46,7 @@ from engine.client.api import AdminApi
 from engine.client.transport import HttpTransport
 from engine.errors import ConfigError, EngineError, RemoteError, TransportError
 from engine.faults import APPENDS_ENV, CRASH_ENV, PHASES, crash_points
+from engine.log.peek import count_triggers
 from engine.provision import SERVER_DIR, load_identity, provision
 from engine.server.serve import ServerProcess
 
@@ -303,8 +302,6 @@ class Simulation:
             self._note_traffic(admin)
             admin.transport.close()
         finally:
-            # the sites' logs are read once they stop: import the SQL layer while they do
-            threading.Thread(target=importlib.import_module, args=("engine.log.sql",), daemon=True).start()
             self._stop_all()
         return self._summary(final, wall, result, sites)
 
@@ -409,14 +406,9 @@ class Simulation:
         by_trigger = {"compute": "executed", "acknowledge": "submitted", "drop": "dropped", "fail": "failed"}
         db = self.workdir / f"{site}.db"
         if db.exists():
-            from engine.log.sql import (
-                open_recorder,  # here: the SQL layer's import is not start-up's cost
-            )
-
-            with open_recorder(db) as log:
-                for event in log.read():
-                    if event.trigger in by_trigger:
-                        counts[by_trigger[event.trigger]] += 1
+            for trigger, n in count_triggers(db, "site_task").items():
+                if trigger in by_trigger:
+                    counts[by_trigger[trigger]] += n
         # its stop lines: in its own process's output, or in that of the process it shared
         for path in sorted((self.workdir / "logs").glob("*.out")):
             for line in path.read_bytes().splitlines():
