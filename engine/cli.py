@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import EngineError
+from engine.startup import importing
 
 __all__ = ["main"]
 
@@ -44,7 +45,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedlog`` with ``argv``; return the process exit status."""
-    parser = build_parser(sys.argv[1:] if argv is None else argv)
+    with importing():
+        parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

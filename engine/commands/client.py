@@ -28,6 +28,7 @@ from engine.client.agent import AgentStats, Backoff, SiteAgent
 from engine.client.api import SiteApi, transport_for
 from engine.client.executor import Executor, load_callable
 from engine.errors import ConfigError
+from engine.startup import importing
 
 __all__ = ["cmd_client", "register"]
 
@@ -82,7 +83,8 @@ def _preload(modules: list[str]) -> threading.Thread | None:
     def run() -> None:
         for name in modules:
             try:
-                module = importlib.import_module(name)
+                with importing():
+                    module = importlib.import_module(name)
                 warm_up = getattr(module, "warm_up", None)
                 if callable(warm_up):
                     warm_up()

@@ -74,8 +74,11 @@ def cmd_server(args: argparse.Namespace) -> int:
         from engine.workflows.isolated import prewarm
 
         prewarm(args.preload)
-    from engine.server.http import Limits
-    from engine.server.service import ServerSettings
+    from engine.startup import importing
+
+    with importing():
+        from engine.server.http import Limits
+        from engine.server.service import ServerSettings
 
     limits = Limits(max_json_bytes=args.max_json_bytes, max_octet_bytes=args.max_octet_bytes)
     settings = ServerSettings(heartbeat_timeout=args.heartbeat_timeout, dead_grace=args.dead_grace,

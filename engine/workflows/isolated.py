@@ -31,6 +31,7 @@ from typing import Any
 from engine.chunks import ChunkStore
 from engine.client.executor import load_callable
 from engine.errors import EngineError
+from engine.startup import importing
 from engine.tensors import Manifest, pack, unpack
 from engine.tensors import store as store_packed
 
@@ -147,21 +148,26 @@ def main(argv: list[str]) -> None:
     """The child: ``make FN KWARGS_JSON DIR`` or ``call FN DIR``; ``serve MODULE...`` imports the
     modules, then reads one such command (a JSON list) from stdin and runs it (EOF: exits)."""
     if argv[0] == "serve":
-        for module in argv[1:]:
-            with contextlib.suppress(Exception):  # the call itself reports a module that fails to import
-                importlib.import_module(module)
+        with importing():
+            for module in argv[1:]:
+                with contextlib.suppress(Exception):  # the call itself reports a module that fails to import
+                    importlib.import_module(module)
         line = sys.stdin.readline()
         if not line.strip():
             return
         argv = json.loads(line)
     if argv[0] == "make":
         fn, kwargs, folder = argv[1], json.loads(argv[2]), Path(argv[3])
-        packed = pack(load_callable(fn, "model")(**kwargs))
+        with importing():
+            make = load_callable(fn, "model")
+        packed = pack(make(**kwargs))
         _write(folder, packed.manifest, lambda d: packed.chunks[d])
     else:
         fn, folder = argv[1], Path(argv[2])
         manifest, chunks = _read(folder)
-        result = load_callable(fn, "function")(unpack(manifest, chunks.__getitem__))
+        with importing():
+            call = load_callable(fn, "function")
+        result = call(unpack(manifest, chunks.__getitem__))
         (folder / "result.json").write_text(json.dumps(result))
 
 
