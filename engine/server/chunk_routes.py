@@ -18,6 +18,7 @@ the result that names them syncs the store before the result is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -136,12 +137,18 @@ async def put_chunk(request: Request) -> Response:
     who = request.identity
     assert who is not None
     data = await request.body(MAX_CHUNK_BYTES)
-    held = store.stat(digest) is not None
-    try:
+
+    def keep() -> bool:
+        held = store.stat(digest) is not None
         if held:
             verify_bytes(digest, data)  # a repeat proves possession only if the bytes match
         else:
             store.put(digest, data)
+        return held
+
+    try:
+        # hashing and writing a MiB off the event loop: it goes on reading the other sites' uploads
+        held = await asyncio.to_thread(keep)
     except ChunkIntegrityError as exc:
         raise HttpError(422, "chunk_integrity", str(exc), details={"digest": digest}) from None
     server.chunk_access.note_upload(who.name, digest)

@@ -164,7 +164,8 @@ async def submit(request: Request) -> Response:
     site = request.path_params["site"]
     request.require_identity(site)
     body = await request.json()
-    require_payloads(_server(request).chunks, body["result"])
+    # checks the result's payloads and fsyncs them: on a thread, so other sites' requests go on meanwhile
+    await asyncio.to_thread(require_payloads, _server(request).chunks, body["result"])
     try:
         outcome = await _server(request).manager.process_submission(
             site, body["task_id"], request.path_params["client_task_id"], body["result"])
