@@ -35,9 +35,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from engine.chunks import LocalChunkStore
 from engine.provision import SERVER_DIR, load_identity, provision
@@ -49,9 +47,15 @@ IN_FLIGHT = 4
 CHUNK = 1 << 20
 GIB = 1 << 30
 
+if TYPE_CHECKING:
+    import torch
+
 
 def make_model(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    """About ``mib`` MiB of float32 in 20 tensors."""
+    """About ``mib`` MiB of float32 in 20 tensors (torch is imported here: a receiver, like a
+    site receiving chunks, never needs it)."""
+    import torch
+
     per = mib * (1 << 20) // 4 // 20
     g = torch.Generator().manual_seed(seed)
     return {f"layer{i}.weight": torch.randn(per, generator=g) for i in range(20)}
@@ -61,12 +65,15 @@ def make_model(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def receiver_main(url: str, token: str, digest: str, workdir: str) -> int:
-    from engine.charts.loader import load_charts
-    from engine.client.transport import HttpTransport
-    from engine.clock import SystemClock
-    from engine.log.sql import open_recorder
-    from engine.machines.runtime import Runtime
-    from engine.streams import ReceiveSession
+    from engine.startup import importing
+
+    with importing():  # as ``fedlog client`` imports its stack
+        from engine.charts.loader import load_charts
+        from engine.client.transport import HttpTransport
+        from engine.clock import SystemClock
+        from engine.log.sql import open_recorder
+        from engine.machines.runtime import Runtime
+        from engine.streams import ReceiveSession
 
     transport = HttpTransport(url, token, timeout=120)
     os.makedirs(workdir, exist_ok=True)
