@@ -12,6 +12,8 @@ are real SIGKILLs:
   itself exactly there (a result recorded but not yet answered, an aggregation not yet
   recorded, ...); one point per server incarnation, in order;
 - ``kill_server_after``: SIGKILL the server that many seconds after the job was submitted;
+- ``kill_server_after_events``: the server SIGKILLs itself once that many of its events
+  are durable (counted from its start): the same instant of the job however fast it runs;
 - ``kill_server_random`` / ``kill_client_random``: each seed picks several kills (and,
   for clients, which site) from its own random stream, so a run is repeatable. Each
   kill is a random position in the victim's log: the process SIGKILLs itself once that
@@ -68,6 +70,7 @@ class SimOptions:
     db: str | None = None
     kill_server_at: list[str] = field(default_factory=list)
     kill_server_after: list[float] = field(default_factory=list)
+    kill_server_after_events: list[int] = field(default_factory=list)
     kill_server_random: list[int] = field(default_factory=list)
     kill_client_random: list[int] = field(default_factory=list)
     #: ``SITE:ROUND.PHASE`` (``*``: every site): the site SIGKILLs itself there and is started again
@@ -103,6 +106,8 @@ class Simulation:
     def __init__(self, options: SimOptions) -> None:
         if options.clients < 1:
             raise ConfigError(f"--clients must be >= 1, got {options.clients}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in options.kill_server_after_events):
+            raise ConfigError(f"--kill-server-after-events takes counts >= 1, got {options.kill_server_after_events}")
         self.o = options
         # wait for every simulated site unless the job says otherwise
         options.spec = {**options.spec, "min_sites": options.spec.get("min_sites", options.clients)}
@@ -259,6 +264,8 @@ class Simulation:
     def _plan(self) -> None:
         for s in self.o.kill_server_after:
             self.kills.append(_Kill(float(s), "server", f"after {s:g} s"))
+        for n in self.o.kill_server_after_events:
+            self.server_appends.append((n, f"after {n} appended events"))
         for seed in self.o.kill_server_random:
             rng = random.Random(f"server:{seed}")
             for _ in range(KILLS_PER_SEED):

@@ -41,6 +41,9 @@ def register(sub: Any) -> None:
                         help="SIGKILL the server at this point (phase: dispatch, result, aggregate); repeatable")
     parser.add_argument("--kill-server-after", action="append", type=float, default=[], metavar="SECONDS",
                         help="SIGKILL the server this long after submission; repeatable")
+    parser.add_argument("--kill-server-after-events", action="append", type=int, default=[], metavar="N",
+                        help="SIGKILL the server once N of its events are durable (counted from its start; "
+                             "the same instant of the job however fast it runs); repeatable, one per start")
     parser.add_argument("--kill-server-random", action="append", type=int, default=[], metavar="SEED",
                         help="SIGKILL the server at several random log positions chosen by SEED; repeatable")
     parser.add_argument("--kill-site-at", action="append", default=[], metavar="SITE:ROUND.PHASE",
@@ -61,6 +64,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     """Run the simulation; exit 0 only if the job finished."""
     options = SimOptions(spec=load_spec(args.job), clients=args.clients, workdir=args.workdir, db=args.db,
                          kill_server_at=args.kill_server_at, kill_server_after=args.kill_server_after,
+                         kill_server_after_events=args.kill_server_after_events,
                          kill_server_random=args.kill_server_random, kill_client_random=args.kill_client_random,
                          kill_site_at=args.kill_site_at, leave_site_at=args.leave_site_at,
                          timeout=args.timeout, keep=args.keep, progress=sys.stderr,

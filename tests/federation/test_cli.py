@@ -41,6 +41,8 @@ def test_simulate_refuses_bad_arguments(tmp_path: Path) -> None:
     assert bad.returncode == 2 and "PHASE one of dispatch, result, aggregate" in bad.stderr
     missing = fedlog("simulate", "no-such-job", check=False)
     assert missing.returncode == 2 and "neither a built-in job" in missing.stderr
+    zero = fedlog("simulate", "linreg", "--kill-server-after-events", "0", check=False)
+    assert zero.returncode == 2 and "--kill-server-after-events takes counts >= 1, got [0]" in zero.stderr
 
 
 def test_server_client_and_job_commands(tmp_path: Path) -> None:
