@@ -243,6 +243,7 @@ def main() -> int:
 
     # --quick stays about a minute: NVFlare's own start-up alone takes 10-16 s per run here
     python = None if args.skip_nvflare or args.quick else vs_nvflare.nvflare_venv(Path(args.venv).resolve())
+    vs_nvflare.fedlog_bytecode()  # fedlog measured as installed, as NVFlare is
     from engine.jobs.mlp import initial_state
 
     model_bytes = sum(t.numel() * t.element_size() for t in initial_state(HIDDEN, DEPTH).values())
