@@ -397,34 +397,41 @@ class Simulation:
         if self.server is not None and self.server.process is not None and self.server.process.poll() is None:
             # at once, not after the sites: a closing server answers their long polls, so they stop now
             self.server.process.send_signal(signal.SIGTERM)
-        for site, proc in self.clients.items():
+        for proc in self.clients.values():
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-            self.client_stats[site] = self._client_counts(site)
+        resubmitted = self._resubmitted()
+        for site in self.clients:
+            self.client_stats[site] = self._client_counts(site, resubmitted.get(site, 0))
         if self.server is not None:
             self.server.stop()
 
-    def _client_counts(self, site: str) -> dict[str, Any]:
-        """The site's counts, from its local log (which survives its kills) and its stop lines."""
-        counts: dict[str, Any] = {"executed": 0, "submitted": 0, "dropped": 0, "failed": 0, "resubmitted": 0}
-        by_trigger = {"compute": "executed", "acknowledge": "submitted", "drop": "dropped", "fail": "failed"}
-        db = self.workdir / f"{site}.db"
-        if db.exists():
-            for trigger, n in count_triggers(db, "site_task").items():
-                if trigger in by_trigger:
-                    counts[by_trigger[trigger]] += n
-        # its stop lines: in its own process's output, or in that of the process it shared
+    def _resubmitted(self) -> dict[str, int]:
+        """Re-submissions per site, from the stop lines of every client process (shared or not) that ran."""
+        out: dict[str, int] = {}
         for path in sorted((self.workdir / "logs").glob("*.out")):
             for line in path.read_bytes().splitlines():
                 try:
                     entry = orjson.loads(line)
                 except orjson.JSONDecodeError:
                     continue
-                if isinstance(entry, dict) and entry.get("site") == site:
-                    counts["resubmitted"] += int(entry.get("resubmitted", 0))
+                if isinstance(entry, dict) and isinstance(entry.get("site"), str):
+                    out[entry["site"]] = out.get(entry["site"], 0) + int(entry.get("resubmitted", 0))
+        return out
+
+    def _client_counts(self, site: str, resubmitted: int) -> dict[str, Any]:
+        """The site's counts, from its local log (which survives its kills) and its stop lines."""
+        counts: dict[str, Any] = {"executed": 0, "submitted": 0, "dropped": 0, "failed": 0,
+                                  "resubmitted": resubmitted}
+        by_trigger = {"compute": "executed", "acknowledge": "submitted", "drop": "dropped", "fail": "failed"}
+        db = self.workdir / f"{site}.db"
+        if db.exists():
+            for trigger, n in count_triggers(db, "site_task").items():
+                if trigger in by_trigger:
+                    counts[by_trigger[trigger]] += n
         return counts
 
     def _summary(self, job: dict[str, Any], wall: float, result: dict[str, Any],

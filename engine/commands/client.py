@@ -158,6 +158,7 @@ def cmd_client(args: argparse.Namespace) -> int:
             agent.close()
             transport.close()
         raise
+
     def stop_all(*_: Any) -> None:
         for entry in agents:
             entry[1].stop()

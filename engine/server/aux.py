@@ -166,15 +166,17 @@ class AuxHub:
         Returns how many (request, target) grants were restored.
         """
         restored = 0
-        access = self.server.chunk_access
+        grants: set[tuple[str, str, str]] = set()  # a payload shared in many requests is granted once
         for event in self.server.recorder.read(job_id=job_id):
             data = event.data or {}
             if event.kind != KIND or event.trigger != "create" or not data.get("shared"):
                 continue
-            for digest in data["shared"]:
-                access.note_upload(str(data["sender"]), str(digest))
-                access.grant(str(data["target"]), {"$tensors": str(digest)})
+            grants.update((str(data["sender"]), str(data["target"]), str(d)) for d in data["shared"])
             restored += 1
+        access = self.server.chunk_access
+        for sender, target, digest in grants:
+            access.note_upload(sender, digest)
+            access.grant(target, {"$tensors": digest})
         return restored
 
     async def _serve(self, machine_id: str, sender: str, topic: str, request: Any) -> dict[str, Any]:

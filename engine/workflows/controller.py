@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import hashlib
+import inspect
 import logging
 import os
 import random
@@ -389,7 +390,7 @@ class Controller:
         async def received(view: ClientTaskView) -> None:
             if user_cb is not None:
                 outcome = user_cb(view)
-                if asyncio.iscoroutine(outcome):
+                if inspect.isawaitable(outcome):
                     await outcome
             for digest in refs_in(view.result):
                 with self._lock:

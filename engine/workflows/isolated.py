@@ -70,10 +70,12 @@ _CHILD = [sys.executable, "-m", "engine.workflows.isolated"]
 
 def _exchange_dir() -> str | None:
     """Where payloads cross: shared memory where the machine has it (a model-sized file in
-    it costs no disk page cache, whose fresh pages were ~5x slower to fill here), else the
+    it costs no disk page cache, whose fresh pages were ~10x slower to fill here), else the
     default temporary directory."""
     shm = "/dev/shm"
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
+
+
 _warm: subprocess.Popen[str] | None = None
 _warm_lock = threading.Lock()
 
