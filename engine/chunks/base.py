@@ -61,9 +61,11 @@ class ChunkStore(ABC):
         """The addresses among ``digests`` this store does not hold (in the order given, once each)."""
 
     @abstractmethod
-    def put(self, digest: str, data: Buffer) -> bool:
+    def put(self, digest: str, data: Buffer, *, verified: bool = False) -> bool:
         """Store ``data`` under ``digest`` after verifying it; False if it was already held.
 
+        ``verified=True``: the caller has just hashed these very bytes (a batch checked whole
+        before any of it is stored), so they are not hashed twice.
         Durable only after the next ``sync()`` (acknowledge after syncing).
         """
 
@@ -75,6 +77,15 @@ class ChunkStore(ABC):
         the bytes to a peer that verifies them by their address before using them (the
         chunk routes serving a download), where hashing here too would only repeat it.
         """
+
+    def view(self, digest: str) -> Buffer:
+        """The chunk's bytes, unverified, without a copy where the store can (a read-only view).
+
+        Only for handing the bytes to a peer that verifies them (serving a download): a
+        store on disk answers with a view of its mapped pack file, so a server sending a
+        chunk to many sites does not first copy it into its own memory for each of them.
+        """
+        return self.get(digest, verify=False)
 
     @abstractmethod
     def stat(self, digest: str) -> ChunkStat | None:
@@ -101,8 +112,9 @@ class ChunkStore(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _check_put(self, digest: str, data: Buffer) -> None:
+    def _check_put(self, digest: str, data: Buffer, verified: bool = False) -> None:
         check_digest(digest)
         if len(data) > MAX_CHUNK_BYTES:
             raise ChunkError(f"chunk {digest} has {len(data)} bytes; the limit is {MAX_CHUNK_BYTES}")
-        verify(digest, data)
+        if not verified:
+            verify(digest, data)

@@ -28,6 +28,7 @@ recycled by the next writes; a read of an old chunk comes from disk.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import sqlite3
 import struct
@@ -46,6 +47,8 @@ _HEADER = struct.Struct("<4sI32s")
 PACK_LIMIT = 256 << 20
 #: synced pack bytes kept in the page cache behind the write position (see the module docstring)
 CACHE_WINDOW = 96 << 20
+#: pack files kept mapped for ``view`` (each at most PACK_LIMIT plus a record)
+MAPPED_PACKS = 4
 
 Progress = Callable[[int, int], None]
 
@@ -75,6 +78,8 @@ class LocalChunkStore(ChunkStore):
         # how far each pack was synced: the tail scan starts there, so deleted records stay deleted
         self._db.execute("CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, synced_end INTEGER NOT NULL)")
         self._readers: dict[str, int] = {}
+        #: read-only maps of packs that ``view`` served from (oldest first); a map lives on while a view of it does
+        self._maps: dict[str, mmap.mmap] = {}
         self._in_tx = False
         self._dirty = False
         self.recovered = self._recover_tails()
@@ -115,6 +120,20 @@ class LocalChunkStore(ChunkStore):
         if fd is None:
             fd = self._readers[pack] = os.open(self.packs_dir / pack, os.O_RDONLY)
         return fd
+
+    def _mapped(self, pack: str, end: int) -> mmap.mmap:
+        """A read-only map of ``pack`` covering at least ``end`` bytes (remapped as the pack grows)."""
+        mapped = self._maps.pop(pack, None)
+        if mapped is None or len(mapped) < end:
+            fd = self._reader(pack)
+            size = os.fstat(fd).st_size
+            if size < end:
+                raise ChunkIntegrityError("?", f"{pack} holds {size} bytes, short of a record ending at {end}")
+            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        self._maps[pack] = mapped  # now the newest
+        while len(self._maps) > MAPPED_PACKS:
+            del self._maps[next(iter(self._maps))]  # unmapped once no view of it is left
+        return mapped
 
     def _recover_tails(self) -> int:
         """Index the records written after the last sync (found intact), cut torn ones; return how many."""
@@ -165,8 +184,8 @@ class LocalChunkStore(ChunkStore):
                 out.extend(d for d in part if d not in held)
         return out
 
-    def put(self, digest: str, data: Buffer) -> bool:
-        self._check_put(digest, data)
+    def put(self, digest: str, data: Buffer, *, verified: bool = False) -> bool:
+        self._check_put(digest, data, verified)
         with self._lock:
             if self._db.execute("SELECT 1 FROM chunks WHERE digest = ?", (digest,)).fetchone():
                 return False
@@ -181,11 +200,39 @@ class LocalChunkStore(ChunkStore):
             self._dirty = True
             return True
 
+    def view(self, digest: str) -> memoryview:
+        found = self.stat(digest)
+        if found is None:
+            raise ChunkMissing(digest, f"the chunk store {self.directory}")
+        assert found.pack is not None
+        with self._lock:
+            mapped = self._mapped(found.pack, found.offset + found.length)
+            return memoryview(mapped)[found.offset:found.offset + found.length]
+
     def sync(self) -> None:
         with self._lock:
             if not self._dirty and not self._in_tx:
                 return
-            os.fsync(self._fd)
+            # the bulk of the fsync runs without the lock (unless the caller holds it), so puts go
+            # on meanwhile: a receiver's other requests keep arriving while it acknowledges a
+            # batch. On a copy of the descriptor, since a roll may close the pack's own meanwhile.
+            fd, pack, size = os.dup(self._fd), self._pack, self._size
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with self._lock:
+            if self._fd < 0:
+                return  # closed meanwhile (close syncs first)
+            if self._pack != pack or self._size != size:
+                os.fsync(self._fd)  # what was put during the first fsync (a roll synced the old pack)
+            self._commit()
+
+    def _commit(self) -> None:
+        """Commit the index rows and the pack's synced end (every byte they name is fsynced)."""
+        with self._lock:
+            if not self._dirty and not self._in_tx:
+                return
             self._begin()
             self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (self._pack, self._size))
             self._db.execute("COMMIT")
@@ -276,6 +323,7 @@ class LocalChunkStore(ChunkStore):
                     self.put(digest, data)
                 self.sync()
                 os.close(self._readers.pop(name))
+                self._maps.pop(name, None)
                 (self.packs_dir / name).unlink()
                 self._begin()
                 self._db.execute("DELETE FROM packs WHERE name = ?", (name,))
@@ -295,6 +343,7 @@ class LocalChunkStore(ChunkStore):
             for fd in self._readers.values():
                 os.close(fd)
             self._readers.clear()
+            self._maps.clear()  # each is unmapped once the last view of it is gone
             self._db.close()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

@@ -27,8 +27,8 @@ class MemoryChunkStore(ChunkStore):
                     out.append(d)
         return out
 
-    def put(self, digest: str, data: Buffer) -> bool:
-        self._check_put(digest, data)
+    def put(self, digest: str, data: Buffer, *, verified: bool = False) -> bool:
+        self._check_put(digest, data, verified)
         with self._lock:
             if digest in self._chunks:
                 return False

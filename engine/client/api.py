@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from engine.chunks.wire import CHUNKS_HEADER, LENGTHS_HEADER, batches
+from engine.client.errors import TransportError
 from engine.client.transport import HttpTransport, Transport
 from engine.provision import load_identity
 
-__all__ = ["AdminApi", "SiteApi", "transport_for"]
+__all__ = ["AdminApi", "SiteApi", "get_chunks", "put_chunks", "transport_for"]
 
 
 def transport_for(identity_dir: str | Path, server_url: str | None = None, *, timeout: float = 60.0
@@ -25,6 +27,48 @@ def transport_for(identity_dir: str | Path, server_url: str | None = None, *, ti
     url = server_url or ident.server_url
     return HttpTransport(url, ident.token, tls_ca=ident.ca_cert if url.startswith("https") else None,
                          timeout=timeout), ident.name
+
+
+def get_chunks(transport: Transport, digests: list[str]) -> list[memoryview]:
+    """``POST /v1/chunks/fetch``: the chunks' bytes, in order (views into the answers' bodies).
+
+    The server may answer with fewer chunks than asked (it caps an answer's bytes); the rest
+    is asked for again, so the caller always gets every chunk or an error.
+    """
+    out: list[memoryview] = []
+    while len(out) < len(digests):
+        resp = transport.request("POST", "/v1/chunks/fetch", json={"digests": digests[len(out):]})
+        lengths = _lengths(resp.headers.get(LENGTHS_HEADER.lower(), ""), len(resp.body))
+        if not lengths or len(out) + len(lengths) > len(digests):
+            raise TransportError("POST", "/v1/chunks/fetch", f"the answer's {LENGTHS_HEADER} header names "
+                                 f"{len(lengths)} chunk(s) for {len(digests) - len(out)} asked", maybe_processed=False)
+        view = memoryview(resp.body)
+        offset = 0
+        for length in lengths:
+            out.append(view[offset:offset + length])
+            offset += length
+    return out
+
+
+def _lengths(header: str, body_len: int) -> list[int]:
+    try:
+        lengths = [int(x) for x in header.split(",")] if header else []
+    except ValueError:
+        lengths = []
+    if sum(lengths) != body_len or any(n < 0 for n in lengths):
+        raise TransportError("POST", "/v1/chunks/fetch", f"the answer's {LENGTHS_HEADER} header {header[:80]!r} does "
+                             f"not add up to its {body_len}-byte body", maybe_processed=False)
+    return lengths
+
+
+def put_chunks(transport: Transport, chunks: list[tuple[str, bytes | memoryview]]) -> None:
+    """``POST /v1/chunks/upload``: several chunks in as few requests as the batch limits allow."""
+    for start, end in batches([len(data) for _, data in chunks]):
+        batch = chunks[start:end]
+        header = ",".join(f"{digest}:{len(data)}" for digest, data in batch)
+        # the pieces go out one after another, never joined into one buffer
+        transport.request("POST", "/v1/chunks/upload", body=[data for _, data in batch],
+                          headers={CHUNKS_HEADER: header})
 
 
 def _seg(value: str) -> str:
@@ -71,6 +115,14 @@ class SiteApi:
     def get_chunk(self, digest: str) -> bytes:
         """Download one chunk granted to this site."""
         return self.transport.request("GET", f"/v1/chunks/{digest}").body
+
+    def get_chunks(self, digests: list[str]) -> list[memoryview]:
+        """Download several chunks granted to this site, in one request per answer the server gives."""
+        return get_chunks(self.transport, digests)
+
+    def put_chunks(self, chunks: list[tuple[str, bytes | memoryview]]) -> None:
+        """Upload several chunks in one request (the server verifies all before storing any)."""
+        put_chunks(self.transport, chunks)
 
     def report_stream(self, session: str, event: str, data: dict[str, Any]) -> str:
         """Tell the server how one of its task-data sessions to this site moved; return its state there."""

@@ -77,13 +77,19 @@ class SitePayloads:
             self.bytes_in += len(data)
             return data
 
+        def fetch_many_counted(digests: list[str]) -> list[memoryview]:
+            datas = self.api.get_chunks(digests)
+            self.bytes_in += sum(len(d) for d in datas)
+            return datas
+
         def load(digest: str) -> Any:
             if self.runtime is not None and session is not None:
                 server_side = f"tss:{session}:{digest[:16]}"
                 reported = streaming is not None and server_side in (streaming.get("sessions") or ())
                 entry = float((streaming or {}).get("tensor_send_timeout") or 60.0)
                 receiver = ReceiveSession(self.runtime, self.store, fetch_counted, f"recv:{session}:{digest[:16]}",
-                                          in_flight=self.in_flight, entry_timeout=entry,
+                                          fetch_many=fetch_many_counted, in_flight=self.in_flight,
+                                          entry_timeout=entry,
                                           reporter=self._reporter(server_side) if reported else None)
                 manifest, report = receiver.run(digest)
                 self.reports.append(report)
@@ -119,7 +125,8 @@ class SitePayloads:
         for digest in refs_in(value):
             if self.runtime is not None and session is not None:
                 sender = SendSession(self.runtime, self.store, self.api.missing_chunks, self.api.put_chunk,
-                                     f"send:{session}:{digest[:16]}", in_flight=self.in_flight)
+                                     f"send:{session}:{digest[:16]}", put_many=self.api.put_chunks,
+                                     in_flight=self.in_flight)
                 report = sender.run(digest)
                 self.reports.append(report)
                 sent += report.bytes_moved

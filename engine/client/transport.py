@@ -48,6 +48,8 @@ _SEPARATE_BODY = 64 << 10
 _STALE = (ConnectionResetError, BrokenPipeError, ConnectionAbortedError, http.client.RemoteDisconnected)
 
 Body = bytes | bytearray | memoryview
+#: a body given as pieces (sent one after another, never joined): several chunks in one upload
+Pieces = list[bytes | bytearray | memoryview]
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")
 
@@ -74,12 +76,12 @@ class Transport(Protocol):
         path: str,
         *,
         json: Any = None,
-        body: Body | None = None,
+        body: Body | Pieces | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
     ) -> TransportResponse:
-        """Send ``method path`` with a JSON document or raw bytes; raise on an error status."""
+        """Send ``method path`` with a JSON document or raw bytes (or pieces of them); raise on an error status."""
         ...
 
     def close(self) -> None:
@@ -87,8 +89,8 @@ class Transport(Protocol):
         ...
 
 
-def _prepare(token: str | None, json: Any, body: Body | None,
-             headers: Mapping[str, str] | None) -> tuple[Body | None, dict[str, str]]:
+def _prepare(token: str | None, json: Any, body: Body | Pieces | None,
+             headers: Mapping[str, str] | None) -> tuple[Body | Pieces | None, dict[str, str]]:
     if json is not None and body is not None:
         raise ConfigError("pass either json= or body=, not both")
     out: dict[str, str] = {"Accept": JSON_TYPE}
@@ -96,19 +98,27 @@ def _prepare(token: str | None, json: Any, body: Body | None,
         if not _HEADER_VALUE.match(token):
             raise ConfigError("the token holds characters that cannot travel in an HTTP header")
         out["Authorization"] = f"Bearer {token}"
-    payload: Body | None = None
+    payload: Body | Pieces | None = None
     if json is not None:
         payload = orjson.dumps(json)
         out["Content-Type"] = JSON_TYPE
     elif body is not None:
         payload = body
         out["Content-Type"] = OCTET_TYPE
-    out["Content-Length"] = str(len(payload) if payload is not None else 0)
+    out["Content-Length"] = str(_length(payload))
     for name, value in (headers or {}).items():
         if not _HEADER_NAME.match(name) or not _HEADER_VALUE.match(value):
             raise ConfigError(f"request header {name!r}: {value[:40]!r} is not a valid HTTP header")
         out[name] = value
     return payload, out
+
+
+def _length(payload: Body | Pieces | None) -> int:
+    if payload is None:
+        return 0
+    if isinstance(payload, list):
+        return sum(len(p) for p in payload)
+    return len(payload)
 
 
 def _target(prefix: str, path: str, query: Mapping[str, Any] | None) -> str:
@@ -194,7 +204,7 @@ class HttpTransport:
         path: str,
         *,
         json: Any = None,
-        body: Body | None = None,
+        body: Body | Pieces | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
@@ -226,7 +236,7 @@ class HttpTransport:
         return TransportResponse(status, rheaders, data)
 
     def _guarded(self, conn: http.client.HTTPConnection, method: str, url: str, target: str,
-                 payload: Body | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+                 payload: Body | Pieces | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         try:
             return self._exchange(conn, method, target, payload, hdrs)
         except (OSError, http.client.HTTPException) as exc:
@@ -237,7 +247,7 @@ class HttpTransport:
                                  maybe_processed=method not in IDEMPOTENT) from None
 
     def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
-                  payload: Body | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+                  payload: Body | Pieces | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         if payload is not None and len(payload) > _SEPARATE_BODY and isinstance(payload, bytes):
             # a memoryview is written after the head instead of being appended to it (a copy)
             payload = memoryview(payload)
@@ -330,7 +340,7 @@ class AsgiTransport:
         path: str,
         *,
         json: Any = None,
-        body: Body | None = None,
+        body: Body | Pieces | None = None,
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
@@ -346,7 +356,7 @@ class AsgiTransport:
             raise error_from_response(method, url, status, rheaders, data)
         return TransportResponse(status, rheaders, data)
 
-    async def _call(self, method: str, target: str, payload: Body | None,
+    async def _call(self, method: str, target: str, payload: Body | Pieces | None,
                     hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
         raw_path, _, query = target.partition("?")
         scope = {
@@ -358,7 +368,8 @@ class AsgiTransport:
                                                for k, v in hdrs.items()],
             "client": self._client, "server": ("app", 80), "state": {},
         }
-        view = memoryview(payload if payload is not None else b"")
+        whole = b"".join(payload) if isinstance(payload, list) else payload
+        view = memoryview(whole if whole is not None else b"")
         chunks = [bytes(view[i:i + self._chunk]) for i in range(0, len(view), self._chunk)] or [b""]
         pending = list(reversed(chunks))
         done = asyncio.Event()

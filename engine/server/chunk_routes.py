@@ -4,6 +4,13 @@
   the server lacks (what a site must upload before submitting a result that names them);
 - ``PUT /v1/chunks/{digest}``: the chunk's bytes; verified against the address before
   anything is stored (422 otherwise), 201 when new, 200 when already held;
+- ``POST /v1/chunks/fetch`` ``{"digests": [...]}``: several chunks in one answer (at most
+  ``MAX_BATCH``), their bytes one after another and their lengths in the
+  ``Fedlog-Chunk-Lengths`` header; the answer stops early (at least one chunk) rather
+  than pass ``MAX_BATCH_BYTES``, and the caller asks again for the rest;
+- ``POST /v1/chunks/upload``: several chunks in one body, named in order with their
+  lengths by the ``Fedlog-Chunks`` header (``<digest>:<length>,...``); every one is
+  verified before any is stored (422 naming the first bad one, nothing stored);
 - ``GET /v1/chunks/{digest}``: the bytes. A site may read only the manifests handed to
   it with its assignments and the chunks those manifests name (403 for any other
   address, whether or not the server holds it); the admin may read any. A site that
@@ -11,6 +18,9 @@
   already holds it) may read it and share it: a manifest named in an aux request
   between sites of a job (a swarm submission, a learn task) is granted to the
   targets, so a payload uploaded once is fetched by its receivers, never uploaded again.
+
+The batched routes exist because a request costs a fixed amount of Python on both
+sides (``engine/chunks/wire.py``).
 
 Uploaded chunks become durable at the acknowledgement boundary: the submission of
 the result that names them syncs the store before the result is recorded.
@@ -24,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest
 from engine.chunks.base import verify as verify_bytes
+from engine.chunks.wire import CHUNKS_HEADER, LENGTHS_HEADER, MAX_BATCH, MAX_BATCH_BYTES
 from engine.errors import ChunkError, ChunkIntegrityError, ChunkMissing, ManifestError
 from engine.provision import ROLE_ADMIN
 from engine.server.auth import ANY_ROLE
@@ -34,6 +45,7 @@ from engine.server.http import (
     bytes_response,
     empty_response,
     json_response,
+    parts_response,
 )
 from engine.server.routing import Route, Router
 from engine.tensors import Manifest, refs_in
@@ -166,10 +178,99 @@ async def get_chunk(request: Request) -> Response:
     try:
         # the site verifies every chunk against its address before using it: hashing it here
         # as well (once per site) would only repeat that, on the server's CPU
-        data = server.tensor_streamer.chunk(digest) or server.chunks.get(digest, verify=False)
+        data = server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
     except ChunkMissing:
         raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}") from None
     return bytes_response(data)
+
+
+async def fetch_chunks(request: Request) -> Response:
+    """Several granted chunks in one answer, in the order asked (it may stop early; see the module)."""
+    body = await request.json()
+    try:
+        digests = [check_digest(d) for d in body["digests"]]
+    except ChunkError as exc:
+        raise HttpError(422, "invalid_digest", str(exc)) from None
+    server = _server(request)
+    who = request.identity
+    assert who is not None
+    if who.role != ROLE_ADMIN:
+        for digest in digests:
+            if not server.chunk_access.allows(who.name, digest):
+                raise HttpError(403, "chunk_not_granted",
+                                f"{who.name} was never given a manifest naming chunk {digest}",
+                                details={"digest": digest})
+    parts: list[bytes | bytearray | memoryview] = []
+    size = 0
+    for digest in digests:
+        try:
+            data = server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
+        except ChunkMissing:
+            raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}",
+                            details={"digest": digest}) from None
+        if parts and size + len(data) > MAX_BATCH_BYTES:
+            break  # the caller asks again for the rest
+        parts.append(data)
+        size += len(data)
+    return parts_response(parts, headers={LENGTHS_HEADER: ",".join(str(len(p)) for p in parts)})
+
+
+def _upload_plan(request: Request) -> list[tuple[str, int]]:
+    raw = request.headers.get(CHUNKS_HEADER.lower(), "")
+    plan: list[tuple[str, int]] = []
+    for item in raw.split(",") if raw else ():
+        digest, _, size_text = item.strip().partition(":")
+        try:
+            plan.append((check_digest(digest), int(size_text)))
+        except ChunkError as exc:
+            raise HttpError(422, "invalid_digest", str(exc)) from None
+        except ValueError:
+            raise HttpError(422, "invalid_chunk_list", f"{CHUNKS_HEADER}: {item[:100]!r} is not <digest>:<length>"
+                            ) from None
+    if not plan:
+        raise HttpError(422, "invalid_chunk_list", f"the {CHUNKS_HEADER} header names no chunk")
+    if len(plan) > MAX_BATCH:
+        raise HttpError(422, "invalid_chunk_list", f"{len(plan)} chunks in one upload; the limit is {MAX_BATCH}")
+    for digest, length in plan:
+        if not 0 <= length <= MAX_CHUNK_BYTES:
+            raise HttpError(422, "invalid_chunk_list", f"chunk {digest} is said to be {length} bytes; a chunk "
+                                                       f"holds 0 to {MAX_CHUNK_BYTES}", details={"digest": digest})
+    total = sum(length for _, length in plan)
+    if total > MAX_BATCH_BYTES:
+        raise HttpError(413, "payload_too_large", f"an upload of {total} bytes; the limit is {MAX_BATCH_BYTES}",
+                        details={"limit": MAX_BATCH_BYTES})
+    if request.content_length != total:
+        raise HttpError(422, "invalid_chunk_list", f"the {CHUNKS_HEADER} header adds up to {total} bytes but the "
+                                                   f"body is {request.content_length}")
+    return plan
+
+
+async def upload_chunks(request: Request) -> Response:
+    """Store several chunks after checking every one against its address (all or none)."""
+    plan = _upload_plan(request)
+    server = _server(request)
+    store = server.chunks
+    who = request.identity
+    assert who is not None
+    data = memoryview(await request.body(MAX_BATCH_BYTES))
+
+    def keep() -> int:
+        pieces = []
+        offset = 0
+        for digest, length in plan:
+            piece = data[offset:offset + length]
+            offset += length
+            verify_bytes(digest, piece)  # all verified before any is stored: a bad batch changes nothing
+            pieces.append((digest, piece))
+        return sum(store.put(digest, piece, verified=True) for digest, piece in pieces)
+
+    try:
+        added = await asyncio.to_thread(keep)
+    except ChunkIntegrityError as exc:
+        raise HttpError(422, "chunk_integrity", str(exc), details={"digest": exc.digest}) from None
+    for digest, _ in plan:
+        server.chunk_access.note_upload(who.name, digest)
+    return json_response({"stored": added, "held": len(plan) - added}, status=201 if added else 200)
 
 
 def chunk_router() -> Router:
@@ -183,6 +284,16 @@ def chunk_router() -> Router:
               response_schema={"type": "object", "required": ["missing"]}, tags=("chunks",), errors=(422,)),
         Route("PUT", "/v1/chunks/{digest}", put_chunk, "Upload one chunk (raw bytes, verified)", roles=ANY_ROLE,
               body="octet", response_type=None, status=201, tags=("chunks",), errors=(413, 422)),
+        Route("POST", "/v1/chunks/fetch", fetch_chunks, "Download several granted chunks in one answer",
+              roles=ANY_ROLE, body="json",
+              request_schema={"type": "object", "required": ["digests"], "additionalProperties": False,
+                              "properties": {"digests": {"type": "array", "minItems": 1, "maxItems": MAX_BATCH,
+                                                         "items": {"type": "string"}}}},
+              response_type="application/octet-stream", tags=("chunks",), errors=(403, 404, 422)),
+        Route("POST", "/v1/chunks/upload", upload_chunks, "Upload several chunks in one body (all verified)",
+              roles=ANY_ROLE, body="octet", status=201,
+              response_schema={"type": "object", "required": ["stored", "held"]}, tags=("chunks",),
+              errors=(413, 422)),
         Route("GET", "/v1/chunks/{digest}", get_chunk, "Download one chunk granted to the caller", roles=ANY_ROLE,
               response_type="application/octet-stream", tags=("chunks",), errors=(403, 404, 422)),
     ])

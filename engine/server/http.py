@@ -47,6 +47,7 @@ __all__ = [
     "bytes_response",
     "empty_response",
     "json_response",
+    "parts_response",
 ]
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,14 @@ class Response:
     body: bytes | bytearray | memoryview = b""
     content_type: str | None = None
     headers: Mapping[str, str] | None = None
+    #: a body in pieces, sent one after another (instead of ``body``): several chunks in one
+    #: answer go out from where they lie, without being joined into one buffer first
+    parts: tuple[bytes | bytearray | memoryview, ...] = ()
+
+    @property
+    def length(self) -> int:
+        """The body's length in bytes."""
+        return sum(len(p) for p in self.parts) if self.parts else len(self.body)
 
 
 def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
@@ -96,6 +105,14 @@ def bytes_response(
 ) -> Response:
     """A raw bytes response (``application/octet-stream`` unless told otherwise)."""
     return Response(status, data, content_type, headers)
+
+
+def parts_response(
+    parts: Sequence[bytes | bytearray | memoryview], status: int = 200, content_type: str = OCTET_TYPE,
+    headers: Mapping[str, str] | None = None,
+) -> Response:
+    """A raw bytes response whose body is ``parts`` one after another."""
+    return Response(status, b"", content_type, headers, tuple(parts))
 
 
 def empty_response(status: int = 204, headers: Mapping[str, str] | None = None) -> Response:
@@ -306,7 +323,7 @@ class App:
         await _send_response(send, response)
         traffic = self.traffic
         traffic["requests"] += 1
-        traffic["bytes_out"] += len(response.body)
+        traffic["bytes_out"] += response.length
         for name, value in scope["headers"]:
             if name == b"content-length" and value.isdigit():
                 traffic["bytes_in"] += int(value)
@@ -481,11 +498,15 @@ def _convert(spec: QueryParam, text: str) -> Any:
 
 
 async def _send_response(send: Send, response: Response) -> None:
-    body = response.body
-    headers: list[tuple[bytes, bytes]] = [(b"content-length", str(len(body)).encode())]
+    headers: list[tuple[bytes, bytes]] = [(b"content-length", str(response.length).encode())]
     if response.content_type is not None:
         headers.append((b"content-type", response.content_type.encode("latin-1")))
     for name, value in (response.headers or {}).items():
         headers.append((name.lower().encode("latin-1"), value.encode("latin-1")))
     await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    if not response.parts:
+        await send({"type": "http.response.body", "body": response.body, "more_body": False})
+        return
+    last = len(response.parts) - 1
+    for i, part in enumerate(response.parts):
+        await send({"type": "http.response.body", "body": part, "more_body": i < last})

@@ -39,6 +39,12 @@ __all__ = ["ReceiveSession", "SendSession", "StreamReport", "StreamTimeout"]
 
 _OPEN_STATES = ("manifest_offered", "want_known", "transferring")
 
+#: chunks per request when the peer takes several at once (1 MiB chunks: 8 MiB a request)
+DEFAULT_BATCH = 8
+#: fetch several chunks in one request: their bytes in the order asked
+FetchMany = Callable[[list[str]], list[Any]]
+#: upload several (digest, bytes) in one request
+PutMany = Callable[[list[tuple[str, Any]]], None]
 #: progress callback: (chunks done, chunks wanted, bytes done)
 Progress = Callable[[int, int, int], None]
 #: told of each recorded step (``want``, ``resume``, ``ack``, ``complete``, ``fail``) with its data, so the
@@ -74,11 +80,13 @@ class _Session:
 
     def __init__(self, runtime: Runtime, session_id: str, *, peer: str, in_flight: int = 4, ack_every: int = 32,
                  progress: Progress | None = None, stream_timeout: float | None = None,
-                 entry_timeout: float = 60.0, reporter: Reporter | None = None) -> None:
+                 entry_timeout: float = 60.0, reporter: Reporter | None = None, batch: int = 1) -> None:
         self.runtime = runtime
         self.session_id = session_id
         self.peer = peer
         self.in_flight = max(1, in_flight)
+        #: chunks per request (when the peer moves several at once): requests in flight x batch chunks travel
+        self.batch = max(1, batch)
         self.ack_every = max(1, ack_every)
         self.progress = progress
         #: seconds this run of the session may take; past it the session is `expire`d (failed)
@@ -127,7 +135,7 @@ class _Session:
         return True, False
 
     def _transfer(self, manifest_digest: str, manifest: Manifest, wanted: list[str], resumed: bool,
-                  move: Callable[[str], int], sync: Callable[[], None]) -> StreamReport:
+                  move: Callable[[list[str]], int], sync: Callable[[], None]) -> StreamReport:
         total = len(manifest.chunk_digests())
         if resumed:
             self.runtime.fire(self.session_id, "resume", {"want": len(wanted)})
@@ -141,22 +149,23 @@ class _Session:
         lock = threading.Lock()
         deadline = None if self.stream_timeout is None else time.monotonic() + self.stream_timeout
         expired = threading.Event()
+        groups = [wanted[i:i + self.batch] for i in range(0, len(wanted), self.batch)]
 
-        def move_in_time(digest: str) -> int:
+        def move_in_time(group: list[str]) -> int:
             if expired.is_set() or (deadline is not None and time.monotonic() > deadline):
                 expired.set()
                 return -1
-            return move(digest)
+            return move(group)
 
-        if wanted:
+        if groups:
             with ThreadPoolExecutor(max_workers=self.in_flight, thread_name_prefix="stream") as pool:
-                for size in pool.map(move_in_time, wanted):
+                for group, size in zip(groups, pool.map(move_in_time, groups), strict=True):
                     if size < 0:
                         continue
                     with lock:
-                        done += 1
+                        done += len(group)
                         moved += size
-                        batch_chunks += 1
+                        batch_chunks += len(group)
                         batch_bytes += size
                         if batch_chunks >= self.ack_every or done == len(wanted):
                             sync()
@@ -186,10 +195,13 @@ class ReceiveSession(_Session):
     kind = "stream_receive"
 
     def __init__(self, runtime: Runtime, store: ChunkStore, fetch: Callable[[str], bytes], session_id: str, *,
-                 peer: str = "server", **kw: Any) -> None:
+                 peer: str = "server", fetch_many: FetchMany | None = None, **kw: Any) -> None:
+        if fetch_many is not None:
+            kw.setdefault("batch", DEFAULT_BATCH)
         super().__init__(runtime, session_id, peer=peer, **kw)
         self.store = store
         self.fetch = fetch
+        self.fetch_many = fetch_many
 
     def _pull(self, digest: str) -> int:
         for attempt in (1, 2):
@@ -201,6 +213,18 @@ class ReceiveSession(_Session):
                 if attempt == 2:
                     raise
         return 0  # pragma: no cover - the loop returns or raises
+
+    def _pull_group(self, group: list[str]) -> int:
+        if self.fetch_many is None or len(group) == 1:
+            return sum(self._pull(d) for d in group)
+        moved = 0
+        for digest, data in zip(group, self.fetch_many(group), strict=True):
+            try:
+                self.store.put(digest, data)
+                moved += len(data)
+            except ChunkIntegrityError:
+                moved += self._pull(digest)  # the bad copy is never used: this one chunk is fetched again
+        return moved
 
     def run(self, manifest_digest: str) -> tuple[Manifest, StreamReport]:
         """Receive the payload (resuming an unfinished session); return its manifest and the report."""
@@ -214,7 +238,8 @@ class ReceiveSession(_Session):
             self._report("complete", {"bytes": 0, "chunks": 0, "skipped": total})  # in case the first was lost
             return manifest, StreamReport(self.session_id, manifest_digest, total, 0, 0, False, total)
         wanted = self.store.missing(manifest.chunk_digests())
-        return manifest, self._transfer(manifest_digest, manifest, wanted, resumed, self._pull, self.store.sync)
+        return manifest, self._transfer(manifest_digest, manifest, wanted, resumed, self._pull_group,
+                                        self.store.sync)
 
 
 class SendSession(_Session):
@@ -223,16 +248,27 @@ class SendSession(_Session):
     kind = "stream_send"
 
     def __init__(self, runtime: Runtime, store: ChunkStore, peer_missing: Callable[[list[str]], list[str]],
-                 put: Callable[[str, bytes], None], session_id: str, *, peer: str = "server", **kw: Any) -> None:
+                 put: Callable[[str, bytes], None], session_id: str, *, peer: str = "server",
+                 put_many: PutMany | None = None, **kw: Any) -> None:
+        if put_many is not None:
+            kw.setdefault("batch", DEFAULT_BATCH)
         super().__init__(runtime, session_id, peer=peer, **kw)
         self.store = store
         self.peer_missing = peer_missing
         self.put = put
+        self.put_many = put_many
 
     def _push(self, digest: str) -> int:
         data = self.store.get(digest)
         self.put(digest, data)
         return len(data)
+
+    def _push_group(self, group: list[str]) -> int:
+        if self.put_many is None or len(group) == 1:
+            return sum(self._push(d) for d in group)
+        chunks = [(digest, self.store.get(digest)) for digest in group]
+        self.put_many(chunks)
+        return sum(len(data) for _, data in chunks)
 
     def run(self, manifest_digest: str) -> StreamReport:
         """Send what the peer lacks of the payload (resuming an unfinished session); return the report."""
@@ -241,12 +277,12 @@ class SendSession(_Session):
         wanted = self.peer_missing([*manifest.chunk_digests(), manifest_digest])
         if finished:
             # sent and acknowledged before; whatever the peer lacks now (it lost it) goes again, unrecorded
-            moved = sum(self._push(d) for d in wanted)
+            moved = sum(self._push_group(wanted[i:i + self.batch]) for i in range(0, len(wanted), self.batch))
             total = len(manifest.chunk_digests())
             return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, False, total)
         # the manifest goes last: a peer holding the manifest holds the chunks it names
         chunks_wanted = [d for d in wanted if d != manifest_digest]
-        report = self._transfer(manifest_digest, manifest, chunks_wanted, resumed, self._push, lambda: None)
+        report = self._transfer(manifest_digest, manifest, chunks_wanted, resumed, self._push_group, lambda: None)
         if manifest_digest in wanted:
             self._push(manifest_digest)
         return report

@@ -98,6 +98,66 @@ def test_serving_without_rehashing_hands_over_the_stored_bytes_for_the_peer_to_c
     store.close()
 
 
+def test_a_view_serves_the_stored_bytes_from_the_mapped_pack_as_it_grows_rolls_and_compacts(
+        tmp_path: Path) -> None:
+    from engine.chunks import local
+
+    store = LocalChunkStore(tmp_path / "c", pack_limit=120_000)
+    chunks = [chunk(n, 50_000) for n in range(9)]
+    views = []
+    for d, data in chunks:  # each put grows the current pack past what was mapped before
+        store.put(d, data)
+        view = store.view(d)
+        assert isinstance(view, memoryview) and view.readonly and view == data
+        views.append(view)
+    assert store.stats()["packs"] >= 3 and len(store._maps) <= local.MAPPED_PACKS
+    store.sync()
+    store.delete([d for d, _ in chunks[:6]])
+    store.compact()  # rewrites and unlinks the old packs: a view handed out before still reads its bytes
+    assert all(v == data for v, (_, data) in zip(views, chunks, strict=True))
+    assert all(store.view(d) == data for d, data in chunks[6:])
+    with pytest.raises(ChunkMissing):
+        store.view(chunks[0][0])
+    store.close()  # with views still alive: each map goes once its last view does
+    assert views[-1] == chunks[-1][1]
+
+
+def test_memory_store_view_is_its_bytes() -> None:
+    store = MemoryChunkStore()
+    a, da = chunk(5)
+    store.put(a, da)
+    assert store.view(a) == da
+
+
+def test_a_sync_fsyncs_without_blocking_puts_and_covers_what_was_put_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Puts go on during a sync's fsync; what they wrote is fsynced again before the index names it."""
+    import threading
+
+    store = LocalChunkStore(tmp_path / "c")
+    (a, da), (b, db) = chunk(1), chunk(2)
+    store.put(a, da)
+    real_fsync = os.fsync
+    synced_sizes = []
+
+    def fsync(fd: int) -> None:
+        if not synced_sizes:  # during the first fsync, another thread puts a chunk (it must not block)
+            putter = threading.Thread(target=store.put, args=(b, db))
+            putter.start()
+            putter.join(timeout=10)
+            assert not putter.is_alive(), "a put waited for the fsync"
+        real_fsync(fd)
+        synced_sizes.append(os.fstat(fd).st_size)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.sync()
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert len(synced_sizes) == 2, "what was put during the first fsync was not fsynced before the commit"
+    store.close()
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.recovered == 0 and again.missing([a, b]) == []  # both indexed by the sync, none by the scan
+
+
 def test_only_one_process_uses_a_store(tmp_path: Path) -> None:
     first = LocalChunkStore(tmp_path / "c")
     with pytest.raises(ChunkError, match="another process"):

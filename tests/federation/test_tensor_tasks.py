@@ -86,6 +86,61 @@ def test_chunk_routes_check_every_byte_and_grant(server: FedServer, base: AsgiTr
     assert AdminApi(base).transport.request("GET", f"/v1/chunks/{digest}").body == data
 
 
+def test_batched_chunk_routes_check_every_byte_and_grant(server: FedServer, base: AsgiTransport,
+                                                       fed: Federation, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = SiteApi(base.with_token(fed.token("site-1")), "site-1")
+    datas = [bytes([i]) * (1000 + i) for i in range(5)]
+    digests = [hash_bytes(d) for d in datas]
+    # one bad chunk in a batch: 422 naming it, and none of the batch is stored
+    with pytest.raises(RemoteError) as err:
+        site.put_chunks([*zip(digests[:2], datas[:2], strict=True), (digests[2], datas[2] + b"!")])
+    assert err.value.status == 422 and err.value.code == "chunk_integrity" and err.value.details["digest"] == digests[2]
+    assert server.chunks.missing(digests) == digests
+    transport = site.transport
+    header = f"{digests[0]}:{len(datas[0])}"
+    bad_lists = {  # the header that names the chunks must add up, parse and stay within the limits
+        f"{digests[0]}:{len(datas[0]) + 1}": "invalid_chunk_list",
+        f"{digests[0]}:x": "invalid_chunk_list",
+        f"{digests[0][:-1]}:{len(datas[0])}": "invalid_digest",
+        ",".join([header] * 65): "invalid_chunk_list",
+    }
+    for chunk_list, code in bad_lists.items():
+        with pytest.raises(RemoteError) as err:
+            transport.request("POST", "/v1/chunks/upload", body=datas[0], headers={"Fedlog-Chunks": chunk_list})
+        assert err.value.status == 422 and err.value.code == code, chunk_list
+    with pytest.raises(RemoteError) as err:
+        transport.request("POST", "/v1/chunks/upload", body=datas[0])
+    assert err.value.code == "invalid_chunk_list"
+    assert server.chunks.missing(digests) == digests
+    site.put_chunks(list(zip(digests, datas, strict=True)))
+    assert server.chunks.missing(digests) == []
+    # the uploader may read them back, several to an answer, in the order asked
+    assert [bytes(d) for d in site.get_chunks(digests[::-1])] == datas[::-1]
+    # an answer stops before passing its byte cap (at least one chunk); the client asks again for the rest
+    monkeypatch.setattr("engine.server.chunk_routes.MAX_BATCH_BYTES", 2100)
+    calls = []
+    real = transport.request
+
+    def counting(method: str, path: str, **kw: Any) -> Any:
+        calls.append(path)
+        return real(method, path, **kw)
+
+    monkeypatch.setattr(transport, "request", counting)
+    assert [bytes(d) for d in site.get_chunks(digests)] == datas
+    assert calls == ["/v1/chunks/fetch"] * 3  # 2 + 2 + 1 chunks of ~1 KB under a 2100-byte cap
+    other = SiteApi(base.with_token(fed.token("site-2")), "site-2")
+    with pytest.raises(AuthError) as denied:  # never given a manifest naming them
+        other.get_chunks(digests)
+    assert denied.value.status == 403 and denied.value.details["digest"] == digests[0]
+    missing = hash_bytes(b"never uploaded")
+    with pytest.raises(RemoteError) as err:
+        AdminApi(base).transport.request("POST", "/v1/chunks/fetch", json={"digests": [digests[0], missing]})
+    assert err.value.status == 404 and err.value.details["digest"] == missing
+    with pytest.raises(RemoteError) as err:
+        site.get_chunks(["nope"])
+    assert err.value.status == 422 and err.value.code == "invalid_digest"
+
+
 def test_a_result_naming_chunks_that_were_not_uploaded_is_refused(server: FedServer, base: AsgiTransport,
                                                                  fed: Federation) -> None:
     for s in SITES:

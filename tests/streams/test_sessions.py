@@ -100,6 +100,55 @@ def test_send_pushes_only_what_the_peer_lacks_manifest_last(charts: ChartRegistr
     assert triggers(runtime, "send:a")[:4] == ["create", "offer", "want", "start"]
 
 
+def test_batched_sessions_move_several_chunks_a_request_and_refetch_only_a_bad_copy(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, sink, digest = setup(charts, clock)
+    from engine.tensors import Manifest
+
+    singles: list[str] = []
+    requests: list[list[str]] = []
+    target = Manifest.from_bytes(source.get(digest)).chunk_digests()[7]  # in the second request
+    corrupted: set[str] = set()
+
+    def fetch(d: str) -> bytes:
+        singles.append(d)
+        return source.get(d)
+
+    def fetch_many(ds: list[str]) -> list[Any]:
+        requests.append(ds)
+        out = [source.get(d) for d in ds]
+        if target in ds:  # one bad copy in an answer
+            i = ds.index(target)
+            out[i] = bytes([out[i][0] ^ 1]) + out[i][1:]
+            corrupted.add(target)
+        return out
+
+    manifest, report = ReceiveSession(runtime, sink, fetch, "recv:m", fetch_many=fetch_many, batch=6,
+                                      in_flight=2, ack_every=8).run(digest)
+    assert [len(r) for r in requests] == [6, 6, 6, 2]  # 20 chunks, 6 to a request
+    assert corrupted == {target} and singles == [digest, target]  # the manifest; then the bad copy again, alone
+    assert report.chunks_wanted == 20 and report.bytes_moved == manifest.nbytes
+    assert sink.missing(source.digests()) == []
+    acks = [e.data for e in runtime.recorder.read(machine_id="recv:m") if e.trigger == "ack"]
+    assert sum(a["chunks"] for a in acks) == 20 and acks[-1]["acked"] == 20
+    # and up: several to an upload, the manifest last
+    peer = MemoryChunkStore()
+    uploads: list[list[str]] = []
+
+    def put_many(chunks: list[tuple[str, Any]]) -> None:
+        uploads.append([d for d, _ in chunks])
+        for d, data in chunks:
+            peer.put(d, data)
+
+    def put(d: str, data: Any) -> None:
+        uploads.append([d])
+        peer.put(d, data)
+
+    report = SendSession(runtime, sink, peer.missing, put, "send:m", put_many=put_many, batch=8).run(digest)
+    assert sorted(len(u) for u in uploads) == [1, 4, 8, 8] and uploads[-1] == [digest]
+    assert peer.missing(source.digests()) == [] and report.chunks_wanted == 20
+
+
 def test_a_session_past_its_stream_timeout_is_recorded_failed(charts: ChartRegistry, clock: ManualClock) -> None:
     from engine.streams import StreamTimeout
 
