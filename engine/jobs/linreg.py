@@ -8,12 +8,12 @@ float64 in a fixed order, so every run of the job computes the same model bit fo
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from engine.client.executor import SiteTask
 from engine.errors import TaskError
+
+if TYPE_CHECKING:
+    from engine.client.executor import SiteTask
 
 __all__ = ["initial_model", "train"]
 
@@ -27,6 +27,9 @@ def initial_model() -> dict[str, Any]:
 
 
 def _shard(site: str, sites: tuple[str, ...]) -> tuple[Any, Any]:
+    # numpy is imported where it is used: the job catalog imports this module for its
+    # starting model, and the command line that reads the catalog needs no numpy
+    import numpy as np
     from sklearn.datasets import load_diabetes
 
     data = load_diabetes()
@@ -46,6 +49,8 @@ def train(task: SiteTask) -> dict[str, Any]:
         raise TaskError("data.model", f"expected {{'w': [{FEATURES} numbers], 'b': number}}, got {model!r}")
     epochs = int(task.props.get("epochs") or data.get("epochs") or 20)
     lr = float(task.props.get("lr") or data.get("lr") or 0.5)
+    import numpy as np
+
     x, y = _shard(task.site, task.job_sites)
     w = np.asarray(model["w"], dtype=np.float64)
     b = float(model["b"])
