@@ -15,6 +15,12 @@ indexed record is scanned, every record whose bytes still hash to their digest i
 indexed, and the file is cut at the first torn record. Reads verify the digest; a
 corrupt copy is dropped from the index (and so fetched again), never returned.
 
+Written bytes are handed to the disk every ``KICK_BYTES`` (``sync_file_range``, which
+starts writeback without waiting for it), so the disk writes while the chunks still
+arrive and the fsync at the acknowledgement finds little left to do (4 receivers of
+``tools/bench/stream.py --quick`` on a 2-core machine: 0.73-0.83 GiB/s with it,
+0.65-0.73 without, in 4 paired runs).
+
 Synced pack bytes older than the newest ``cache_window`` are dropped from the page
 cache (``posix_fadvise(DONTNEED)``): a store writes a model-sized payload per round
 and reads most of it at most once, soon after writing it. Left cached, the packs
@@ -28,6 +34,7 @@ recycled by the next writes; a read of an old chunk comes from disk.
 from __future__ import annotations
 
 import fcntl
+import functools
 import mmap
 import os
 import sqlite3
@@ -47,6 +54,32 @@ _HEADER = struct.Struct("<4sI32s")
 PACK_LIMIT = 256 << 20
 #: synced pack bytes kept in the page cache behind the write position (see the module docstring)
 CACHE_WINDOW = 96 << 20
+#: written pack bytes are handed to the disk (writeback started, not waited for) in steps of this size
+KICK_BYTES = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback of the range's dirty pages, do not wait
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux only; Python does not wrap it), or None."""
+    import ctypes
+
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library this process runs on
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Let the disk start writing ``length`` bytes at ``offset`` now rather than at the next fsync."""
+    fn = _sync_file_range()
+    if fn is not None:
+        fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only means the fsync does it all
+
+
 #: pack files kept mapped for ``view`` (each at most PACK_LIMIT plus a record)
 MAPPED_PACKS = 4
 
@@ -86,6 +119,8 @@ class LocalChunkStore(ChunkStore):
         self._pack, self._fd, self._size = self._open_current()
         #: the current pack's bytes before this offset were dropped from the page cache
         self._uncached = 0
+        #: the current pack's bytes before this offset were handed to the disk's writeback
+        self._kicked = self._size
 
     # -- files -----------------------------------------------------------------------------
 
@@ -107,7 +142,7 @@ class LocalChunkStore(ChunkStore):
         number = int(self._pack[5:11]) + 1
         self._pack = f"pack-{number:06d}.pack"
         self._fd = os.open(self.packs_dir / self._pack, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        self._size = self._uncached = 0
+        self._size = self._uncached = self._kicked = 0
 
     def _uncache(self, end: int) -> None:
         """Drop the current pack's synced bytes before ``end`` from the page cache (they are on disk)."""
@@ -195,6 +230,9 @@ class LocalChunkStore(ChunkStore):
             offset = self._size + _HEADER.size
             os.writev(self._fd, [header, data])
             self._size += _HEADER.size + len(data)
+            if self._size - self._kicked >= KICK_BYTES:
+                _start_writeback(self._fd, self._kicked, self._size - self._kicked)
+                self._kicked = self._size
             self._begin()
             self._db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (digest, self._pack, offset, len(data)))
             self._dirty = True

@@ -158,6 +158,28 @@ def test_a_sync_fsyncs_without_blocking_puts_and_covers_what_was_put_meanwhile(
         assert again.recovered == 0 and again.missing([a, b]) == []  # both indexed by the sync, none by the scan
 
 
+def test_written_bytes_are_handed_to_the_disk_in_steps_before_the_fsync(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.chunks import local
+
+    assert local._sync_file_range() is not None  # Linux: the call exists
+    started: list[tuple[int, int]] = []
+    monkeypatch.setattr(local, "_start_writeback", lambda fd, offset, length: started.append((offset, length)))
+    store = LocalChunkStore(tmp_path / "c", pack_limit=1 << 30)
+    step = local.KICK_BYTES
+    chunks = [(hash_bytes(d), d) for d in (os.urandom(3 << 20) for _ in range(7))]  # 21 MiB
+    for digest, data in chunks:
+        store.put(digest, data)
+    # contiguous ranges from the start, each at least a step, covering all but the last partial step
+    assert started and started[0][0] == 0
+    assert all(a + n == b for (a, n), (b, _) in zip(started, started[1:], strict=False))
+    assert all(n >= step for _, n in started)
+    end = started[-1][0] + started[-1][1]
+    size = (store.packs_dir / "pack-000001.pack").stat().st_size
+    assert size - step < end <= size
+    store.close()
+
+
 def test_only_one_process_uses_a_store(tmp_path: Path) -> None:
     first = LocalChunkStore(tmp_path / "c")
     with pytest.raises(ChunkError, match="another process"):
