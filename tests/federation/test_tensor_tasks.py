@@ -111,6 +111,11 @@ def test_batched_chunk_routes_check_every_byte_and_grant(server: FedServer, base
     with pytest.raises(RemoteError) as err:
         transport.request("POST", "/v1/chunks/upload", body=datas[0])
     assert err.value.code == "invalid_chunk_list"
+    forty = 40 << 20  # two chunks of 40 MiB: each allowed, together over the 64 MiB of one upload
+    with pytest.raises(RemoteError) as err:
+        transport.request("POST", "/v1/chunks/upload", body=datas[0],
+                          headers={"Fedlog-Chunks": f"{digests[0]}:{forty},{digests[1]}:{forty}"})
+    assert err.value.status == 413 and err.value.code == "payload_too_large"
     assert server.chunks.missing(digests) == digests
     site.put_chunks(list(zip(digests, datas, strict=True)))
     assert server.chunks.missing(digests) == []
