@@ -131,13 +131,42 @@ def _digest(request: Request) -> str:
         raise HttpError(422, "invalid_digest", str(exc)) from None
 
 
-async def missing(request: Request) -> Response:
-    """Which of the given addresses the server lacks."""
+async def _listed_digests(request: Request) -> list[str]:
+    """The ``digests`` of a JSON body, each well-formed (422 naming the first that is not)."""
     body = await request.json()
     try:
-        wanted = [check_digest(d) for d in body["digests"]]
+        return [check_digest(d) for d in body["digests"]]
     except ChunkError as exc:
         raise HttpError(422, "invalid_digest", str(exc)) from None
+
+
+def _check_granted(request: Request, digest: str) -> None:
+    """403 unless the caller was given a manifest naming ``digest`` (the admin reads any)."""
+    who = request.identity
+    assert who is not None
+    if who.role != ROLE_ADMIN and not _server(request).chunk_access.allows(who.name, digest):
+        raise HttpError(403, "chunk_not_granted", f"{who.name} was never given a manifest naming chunk {digest}",
+                        details={"digest": digest})
+
+
+def _served(request: Request, digest: str) -> bytes | bytearray | memoryview:
+    """A granted chunk's bytes (403 if not granted, 404 if not held).
+
+    Not hashed here: the site verifies every chunk against its address before using it,
+    so hashing it on the server as well (once per site) would only repeat that.
+    """
+    _check_granted(request, digest)
+    server = _server(request)
+    try:
+        return server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
+    except ChunkMissing:
+        raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}",
+                        details={"digest": digest}) from None
+
+
+async def missing(request: Request) -> Response:
+    """Which of the given addresses the server lacks."""
+    wanted = await _listed_digests(request)
     return json_response({"missing": _server(request).chunks.missing(wanted)})
 
 
@@ -169,45 +198,18 @@ async def put_chunk(request: Request) -> Response:
 
 async def get_chunk(request: Request) -> Response:
     """A chunk's bytes, to a site that was given a manifest naming it."""
-    digest = _digest(request)
-    server = _server(request)
-    who = request.identity
-    assert who is not None
-    if who.role != ROLE_ADMIN and not server.chunk_access.allows(who.name, digest):
-        raise HttpError(403, "chunk_not_granted", f"{who.name} was never given a manifest naming chunk {digest}")
-    try:
-        # the site verifies every chunk against its address before using it: hashing it here
-        # as well (once per site) would only repeat that, on the server's CPU
-        data = server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
-    except ChunkMissing:
-        raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}") from None
-    return bytes_response(data)
+    return bytes_response(_served(request, _digest(request)))
 
 
 async def fetch_chunks(request: Request) -> Response:
     """Several granted chunks in one answer, in the order asked (it may stop early; see the module)."""
-    body = await request.json()
-    try:
-        digests = [check_digest(d) for d in body["digests"]]
-    except ChunkError as exc:
-        raise HttpError(422, "invalid_digest", str(exc)) from None
-    server = _server(request)
-    who = request.identity
-    assert who is not None
-    if who.role != ROLE_ADMIN:
-        for digest in digests:
-            if not server.chunk_access.allows(who.name, digest):
-                raise HttpError(403, "chunk_not_granted",
-                                f"{who.name} was never given a manifest naming chunk {digest}",
-                                details={"digest": digest})
+    digests = await _listed_digests(request)
+    for digest in digests:  # every chunk is granted, or nothing is sent
+        _check_granted(request, digest)
     parts: list[bytes | bytearray | memoryview] = []
     size = 0
     for digest in digests:
-        try:
-            data = server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
-        except ChunkMissing:
-            raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}",
-                            details={"digest": digest}) from None
+        data = _served(request, digest)
         if parts and size + len(data) > MAX_BATCH_BYTES:
             break  # the caller asks again for the rest
         parts.append(data)
