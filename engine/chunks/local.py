@@ -156,14 +156,16 @@ class LocalChunkStore(ChunkStore):
             fd = self._readers[pack] = os.open(self.packs_dir / pack, os.O_RDONLY)
         return fd
 
-    def _mapped(self, pack: str, end: int) -> mmap.mmap:
-        """A read-only map of ``pack`` covering at least ``end`` bytes (remapped as the pack grows)."""
+    def _mapped(self, found: ChunkStat) -> mmap.mmap:
+        """A read-only map of ``found``'s pack covering its record (remapped as the pack grows)."""
+        assert found.pack is not None
+        pack, end = found.pack, found.offset + found.length
         mapped = self._maps.pop(pack, None)
         if mapped is None or len(mapped) < end:
             fd = self._reader(pack)
             size = os.fstat(fd).st_size
             if size < end:
-                raise ChunkIntegrityError("?", f"{pack} holds {size} bytes, short of a record ending at {end}")
+                raise ChunkIntegrityError(found.digest, f"{pack} holds {size} bytes, short of its record ending at {end}")
             mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
         self._maps[pack] = mapped  # now the newest
         while len(self._maps) > MAPPED_PACKS:
@@ -242,9 +244,8 @@ class LocalChunkStore(ChunkStore):
         found = self.stat(digest)
         if found is None:
             raise ChunkMissing(digest, f"the chunk store {self.directory}")
-        assert found.pack is not None
         with self._lock:
-            mapped = self._mapped(found.pack, found.offset + found.length)
+            mapped = self._mapped(found)
             return memoryview(mapped)[found.offset:found.offset + found.length]
 
     def sync(self) -> None:
@@ -260,17 +261,11 @@ class LocalChunkStore(ChunkStore):
         finally:
             os.close(fd)
         with self._lock:
-            if self._fd < 0:
-                return  # closed meanwhile (close syncs first)
+            if self._fd < 0 or not (self._dirty or self._in_tx):
+                return  # closed meanwhile (close syncs first), or another sync committed it all
             if self._pack != pack or self._size != size:
                 os.fsync(self._fd)  # what was put during the first fsync (a roll synced the old pack)
-            self._commit()
-
-    def _commit(self) -> None:
-        """Commit the index rows and the pack's synced end (every byte they name is fsynced)."""
-        with self._lock:
-            if not self._dirty and not self._in_tx:
-                return
+            # every byte the index rows name is on disk now
             self._begin()
             self._db.execute("INSERT OR REPLACE INTO packs VALUES (?, ?)", (self._pack, self._size))
             self._db.execute("COMMIT")

@@ -149,13 +149,12 @@ def _check_granted(request: Request, digest: str) -> None:
                         details={"digest": digest})
 
 
-def _served(request: Request, digest: str) -> bytes | bytearray | memoryview:
-    """A granted chunk's bytes (403 if not granted, 404 if not held).
+def _held(request: Request, digest: str) -> bytes | bytearray | memoryview:
+    """A chunk's bytes as the server holds them (404 if it does not); the caller checked the grant.
 
     Not hashed here: the site verifies every chunk against its address before using it,
     so hashing it on the server as well (once per site) would only repeat that.
     """
-    _check_granted(request, digest)
     server = _server(request)
     try:
         return server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
@@ -198,7 +197,9 @@ async def put_chunk(request: Request) -> Response:
 
 async def get_chunk(request: Request) -> Response:
     """A chunk's bytes, to a site that was given a manifest naming it."""
-    return bytes_response(_served(request, _digest(request)))
+    digest = _digest(request)
+    _check_granted(request, digest)
+    return bytes_response(_held(request, digest))
 
 
 async def fetch_chunks(request: Request) -> Response:
@@ -209,7 +210,7 @@ async def fetch_chunks(request: Request) -> Response:
     parts: list[bytes | bytearray | memoryview] = []
     size = 0
     for digest in digests:
-        data = _served(request, digest)
+        data = _held(request, digest)
         if parts and size + len(data) > MAX_BATCH_BYTES:
             break  # the caller asks again for the rest
         parts.append(data)

@@ -95,6 +95,10 @@ class _Session:
         self.entry_timeout = entry_timeout
         self.reporter = reporter
 
+    def _groups(self, digests: list[str]) -> list[list[str]]:
+        """``digests`` in runs of ``batch``: what one request moves."""
+        return [digests[i:i + self.batch] for i in range(0, len(digests), self.batch)]
+
     def _report(self, event: str, data: dict[str, Any]) -> None:
         if self.reporter is not None:
             self.reporter(event, data)
@@ -149,7 +153,7 @@ class _Session:
         lock = threading.Lock()
         deadline = None if self.stream_timeout is None else time.monotonic() + self.stream_timeout
         expired = threading.Event()
-        groups = [wanted[i:i + self.batch] for i in range(0, len(wanted), self.batch)]
+        groups = self._groups(wanted)
 
         def move_in_time(group: list[str]) -> int:
             if expired.is_set() or (deadline is not None and time.monotonic() > deadline):
@@ -277,7 +281,7 @@ class SendSession(_Session):
         wanted = self.peer_missing([*manifest.chunk_digests(), manifest_digest])
         if finished:
             # sent and acknowledged before; whatever the peer lacks now (it lost it) goes again, unrecorded
-            moved = sum(self._push_group(wanted[i:i + self.batch]) for i in range(0, len(wanted), self.batch))
+            moved = sum(self._push_group(group) for group in self._groups(wanted))
             total = len(manifest.chunk_digests())
             return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, False, total)
         # the manifest goes last: a peer holding the manifest holds the chunks it names
