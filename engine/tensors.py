@@ -2,7 +2,8 @@
 
 A payload is a state_dict, or any nesting of dicts (string keys) and lists holding
 tensors and JSON values (task data and results). ``pack`` replaces each tensor by a
-placeholder ``{"$tensor": i}`` in a JSON *skeleton* and describes it in the manifest:
+placeholder ``{"$tensor": i}`` in a JSON *skeleton* (its dicts in the payload's key
+order, which ``unpack`` gives back) and describes it in the manifest:
 its name (the path of keys to it), dtype, shape, byte order, and the blake3
 addresses of its chunks. Chunking is tensor-aligned and fixed-size: a tensor's bytes
 are cut every ``chunk_size`` bytes (1 MiB by default, overridable per tensor, e.g.
@@ -109,8 +110,9 @@ class TensorSpec:
     chunks: tuple[str, ...]
 
     def as_json(self) -> dict[str, Any]:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "nbytes": self.nbytes,
-                "chunk_size": self.chunk_size, "chunks": list(self.chunks)}
+        """The spec's JSON object, keys in sorted order (``Manifest.to_bytes`` relies on it)."""
+        return {"chunk_size": self.chunk_size, "chunks": list(self.chunks), "dtype": self.dtype,
+                "name": self.name, "nbytes": self.nbytes, "shape": list(self.shape)}
 
     def chunk_lengths(self) -> Iterator[tuple[str, int, int]]:
         """(address, offset, length) of each chunk."""
@@ -128,12 +130,19 @@ class Manifest:
     byte_order: str = "little"
 
     def as_json(self) -> dict[str, Any]:
-        return {"format": FORMAT, "byte_order": self.byte_order, "skeleton": self.skeleton,
+        return {"byte_order": self.byte_order, "format": FORMAT, "skeleton": self.skeleton,
                 "tensors": [t.as_json() for t in self.tensors]}
 
     def to_bytes(self) -> bytes:
-        """The canonical JSON bytes (what is stored and addressed)."""
-        return orjson.dumps(self.as_json(), option=orjson.OPT_SORT_KEYS)
+        """The canonical JSON bytes (what is stored and addressed).
+
+        Every object's keys are sorted except the skeleton's: its dicts keep the payload's
+        key order, so a state_dict is unpacked in the order it was packed (the order is
+        part of the content, as the tensors' order is). Earlier versions sorted the
+        skeleton too, so a manifest they stored reads back in sorted order and is written
+        again to the same bytes: re-aggregating an existing log reproduces its hashes.
+        """
+        return orjson.dumps(self.as_json())  # keys written in sorted order above and in TensorSpec
 
     @property
     def digest(self) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 import torch
 
@@ -78,6 +79,33 @@ def test_nested_payloads_keep_their_json() -> None:
     assert [t.name for t in packed.manifest.tensors] == ["model/fc.weight", "model/fc.bias", "history/1/t"]
     assert packed.manifest.skeleton["round"] == 3 and packed.manifest.skeleton["history"][0] == 1.5
     assert same(payload, roundtrip(payload))
+
+
+def test_dicts_come_back_in_the_order_they_were_packed(tmp_path: Path) -> None:
+    # a torch state_dict's order (layer order) is not its keys' sorted order
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)).state_dict()
+    payload = {"n": 64, "model": model, "meta": {"z": 1, "a": [{"y": 2, "b": 3}]}}
+    assert list(model) != sorted(model)
+    with LocalChunkStore(tmp_path / "chunks") as chunks:
+        out = load(chunks, store(pack(payload), chunks))
+    assert list(out) == ["n", "model", "meta"]
+    assert list(out["model"]) == list(model)
+    assert list(out["meta"]) == ["z", "a"] and list(out["meta"]["a"][0]) == ["y", "b"]
+    # the order is content: the same tensors in another order are another manifest
+    reordered = dict(sorted(model.items()))
+    assert pack(reordered).digest != pack(model).digest
+    assert list(unpack(pack(reordered).manifest, pack(reordered).chunks.__getitem__)) == sorted(model)
+
+
+def test_a_sorted_skeleton_keeps_the_bytes_and_addresses_of_earlier_versions() -> None:
+    # earlier versions wrote every object with sorted keys (the skeleton's too); a payload
+    # whose dicts are sorted, and every manifest already stored, must keep its bytes and
+    # address, or re-aggregating an existing log would not reproduce its recorded hashes
+    payload = {"a": {"bias": torch.ones(2), "weight": torch.zeros(2, 2)}, "n": 3, "z": [{"k": 1, "t": torch.ones(1)}]}
+    manifest = pack(payload, chunk_size=4).manifest
+    earlier = orjson.dumps(manifest.as_json(), option=orjson.OPT_SORT_KEYS)
+    assert manifest.to_bytes() == earlier
+    assert Manifest.from_bytes(earlier).digest == hash_bytes(earlier)
 
 
 def test_chunks_are_tensor_aligned_fixed_size_and_views_of_the_tensors() -> None:
