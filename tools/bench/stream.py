@@ -15,6 +15,10 @@ requests in flight over keep-alive HTTP, each fetching ``--batch`` chunks (as a 
   written, fsynced every 32 MiB, page cache window: the pack store's work) with
   ``over_tcp_hash_write`` the receivers' ratio to it, and ``tcp_hash_direct_write_gib_s``
   (the same with O_DIRECT writes).
+* ``receiver_cpu_s_per_gib`` and ``sender_cpu_s_per_gib``: CPU seconds the receivers (all
+  four, their sessions only) and the server spent per GiB of the cold stream, next to
+  ``tcp_hash_write_cpu_s_per_gib``, the reference loop's sinks. With every core busy,
+  the aggregate rate is at most cores / (receiver + sender CPU per GiB).
 * ``unchanged_resend_bytes``: bytes on the wire per receiver when the same model is
   streamed again (only the session; every chunk is already held).
 * ``changed10_bytes_ratio``: bytes moved / model bytes when 10% of the tensors changed.
@@ -70,6 +74,15 @@ def make_model(mib: int, seed: int = 0) -> dict[str, torch.Tensor]:
 # -- the receiver process ---------------------------------------------------------------------
 
 
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system, all threads) of this process, or of ``pid`` (from /proc)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
 def receiver_main(url: str, token: str, digest: str, workdir: str, batch: str) -> int:
     from engine.startup import importing
 
@@ -109,12 +122,14 @@ def receiver_main(url: str, token: str, digest: str, workdir: str, batch: str) -
 
     started = time.time()
     t0 = time.perf_counter()
+    cpu0 = _cpu_s()
     session = ReceiveSession(runtime, chunks, fetch, f"recv:bench:{digest[:16]}", in_flight=IN_FLIGHT, ack_every=32,
                              progress=progress, fetch_many=fetch_many if int(batch) > 1 else None,
                              batch=int(batch))
     _, report = session.run(digest)
     wall = time.perf_counter() - t0
-    print(json.dumps({"done": True, "wall_s": wall, "fetched": fetched, "wanted": report.chunks_wanted,
+    cpu = _cpu_s() - cpu0
+    print(json.dumps({"done": True, "wall_s": wall, "cpu_s": cpu, "fetched": fetched, "wanted": report.chunks_wanted,
                       "resumed": report.resumed, "started": started, "ended": started + wall}), flush=True)
     chunks.close()
     runtime.close()
@@ -185,12 +200,14 @@ def tcp_sink_main(port: int, nbytes: int, mode: str = "plain", path: str = "") -
         os.fsync(fd)
         os.close(fd)
         os.unlink(path)
-    print(got, flush=True)
+    t = os.times()
+    print(got, t.user + t.system, flush=True)
     return 0
 
 
-def raw_tcp(nbytes: int, mode: str = "plain", work: Path | None = None) -> float:
-    """Aggregate GiB/s of ``nbytes`` pushed to each of 4 sink processes (see ``tcp_sink_main``)."""
+def raw_tcp(nbytes: int, mode: str = "plain", work: Path | None = None) -> tuple[float, float]:
+    """(aggregate GiB/s, the sinks' CPU seconds per GiB received) of ``nbytes`` pushed to each
+    of 4 sink processes (see ``tcp_sink_main``)."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(8)
@@ -213,15 +230,17 @@ def raw_tcp(nbytes: int, mode: str = "plain", work: Path | None = None) -> float
     threads = [threading.Thread(target=push, args=(c,)) for c in conns]
     for t in threads:
         t.start()
+    cpu = 0.0
     for p in procs:
-        p.communicate(timeout=600)
+        out, _ = p.communicate(timeout=600)
+        cpu += float(out.split()[1])
     wall = time.perf_counter() - t0
     for t in threads:
         t.join()
     for c in conns:
         c.close()
     server.close()
-    return RECEIVERS * nbytes / wall / GIB
+    return RECEIVERS * nbytes / wall / GIB, cpu / (RECEIVERS * nbytes / GIB)
 
 
 def peak_rss(pid: int) -> int:
@@ -264,11 +283,11 @@ def main() -> int:
         del model, changed
         result["model_bytes"] = model_bytes
         print(f"[stream] raw TCP baseline, {RECEIVERS} x {mib} MiB", file=sys.stderr, flush=True)
-        result["raw_tcp_gib_s"] = raw_tcp(model_bytes)
+        result["raw_tcp_gib_s"], _ = raw_tcp(model_bytes)
         print("[stream] reference loops: TCP + blake3 (+ write + fsync), no HTTP", file=sys.stderr, flush=True)
-        result["tcp_hash_gib_s"] = raw_tcp(model_bytes, "hash", work)
-        result["tcp_hash_write_gib_s"] = raw_tcp(model_bytes, "durable", work)
-        result["tcp_hash_direct_write_gib_s"] = raw_tcp(model_bytes, "direct", work)
+        result["tcp_hash_gib_s"], _ = raw_tcp(model_bytes, "hash", work)
+        result["tcp_hash_write_gib_s"], result["tcp_hash_write_cpu_s_per_gib"] = raw_tcp(model_bytes, "durable", work)
+        result["tcp_hash_direct_write_gib_s"], _ = raw_tcp(model_bytes, "direct", work)
         server = ServerProcess(["server", "--credentials", str(work / "fed" / SERVER_DIR), "--db", str(db),
                                 "--port", "0", "--no-tls"], module="engine.cli").start(timeout=60)
         token = load_identity(work / "fed" / "admin").token
@@ -276,8 +295,12 @@ def main() -> int:
             dirs = [work / f"r{i}" for i in range(RECEIVERS)]
             print("[stream] cold stream to 4 receivers", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
+            sender_cpu0 = _cpu_s(server.pid)
             cold = run_receivers(server.url, token, digest, dirs, args.batch)
             wall = time.perf_counter() - t0
+            received_gib = RECEIVERS * model_bytes / GIB
+            result["sender_cpu_s_per_gib"] = (_cpu_s(server.pid) - sender_cpu0) / received_gib
+            result["receiver_cpu_s_per_gib"] = sum(r["cpu_s"] for r in cold) / received_gib
             # from the first session's start to the last one's end (process start-up excluded)
             window = max(r["ended"] for r in cold) - min(r["started"] for r in cold)
             result["aggregate_gib_s"] = RECEIVERS * model_bytes / window / GIB
