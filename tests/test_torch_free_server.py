@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,20 @@ def test_a_prewarmed_child_serves_one_call_with_the_same_result_then_is_gone() -
     isolated.prewarm(["engine.jobs.mlp"])
     with pytest.raises(EngineError, match="failed in its child process"):
         make_payload("engine.jobs.mlp:no_such_function", {}, there, isolate=True)
+
+
+def test_the_child_ends_without_finalizing_once_its_payload_is_written(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # finalizing a process that imported torch took 0.4-0.5 s, and the server waits for the
+    # child's end before it reads the payload: the child must skip it (an atexit hook shows it ran)
+    marker = tmp_path / "finalized"
+    (tmp_path / "finalizing_model.py").write_text(
+        "import atexit, pathlib, torch\n"
+        f"atexit.register(pathlib.Path({str(marker)!r}).write_text, 'ran')\n"
+        "def make():\n"
+        "    return {'w': torch.arange(6, dtype=torch.float32)}\n")
+    monkeypatch.setenv("PYTHONPATH", f"{tmp_path}:{':'.join(sys.path)}")
+    chunks = MemoryChunkStore()
+    digest = make_payload("finalizing_model:make", {}, chunks, isolate=True)
+    assert load(chunks, digest)["w"].tolist() == [0, 1, 2, 3, 4, 5]
+    assert not marker.exists()
