@@ -43,8 +43,27 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _start_warm_child(argv: Sequence[str]) -> None:
+    """``fedlog server --preload MODULE``: start the child that imports MODULE (torch) first.
+
+    The first round waits for that child; started here, before the server's own stack
+    is imported (the parser already imports uvicorn), its import overlaps the server's
+    instead of following it. ``cmd_server`` starts it if this did not (a flag spelled
+    another way argparse accepts), so this is only about when.
+    """
+    if not argv or argv[0] != "server":
+        return
+    modules = [argv[i + 1] for i in range(len(argv) - 1) if argv[i] == "--preload"]
+    modules += [a.split("=", 1)[1] for a in argv if a.startswith("--preload=")]
+    if modules:
+        from engine.workflows.warm import prewarm
+
+        prewarm(modules)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedlog`` with ``argv``; return the process exit status."""
+    _start_warm_child(sys.argv[1:] if argv is None else argv)
     with importing():
         parser = build_parser(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)

@@ -17,6 +17,25 @@ from engine.workflows.builtin import weighted_mean_tensors
 from engine.workflows.isolated import call_on_payload, make_payload
 
 
+def test_the_warm_child_starts_before_the_server_imports_its_stack() -> None:
+    # ``fedlog server --preload M``: the child imports torch while the server imports the
+    # rest (SQL layer, uvicorn, numpy), so it is started before any of them is imported
+    code = ("import subprocess, sys\n"
+            "seen = []\n"
+            "class Spawn:\n"
+            "    def __init__(self, argv, **kw):\n"
+            "        seen.append((argv, [m for m in ('numpy', 'uvicorn', 'sqlalchemy') if m in sys.modules]))\n"
+            "    def poll(self):\n"
+            "        return None\n"
+            "subprocess.Popen = Spawn\n"
+            "from engine.cli import main\n"
+            "main(['server', '--credentials', '/nonexistent', '--db', ':memory:', '--preload', 'engine.jobs.mlp'])\n"
+            "argv, heavy = seen[0]\n"
+            "assert argv[-2:] == ['serve', 'engine.jobs.mlp'] and heavy == [], seen\n"
+            "assert len(seen) == 1, seen\n")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
+
+
 def test_reading_manifests_and_serving_chunks_does_not_import_torch() -> None:
     code = ("import sys\n"
             "import engine.server.service, engine.server.chunk_routes, engine.workflows.builtin\n"
@@ -82,23 +101,24 @@ def count_parameters(state: dict[str, torch.Tensor]) -> int:
 
 
 def test_a_prewarmed_child_serves_one_call_with_the_same_result_then_is_gone() -> None:
-    from engine.workflows import isolated
+    from engine.workflows import warm
 
     here, there = MemoryChunkStore(), MemoryChunkStore()
     kwargs = {"hidden": 16, "depth": 1, "seed": 2}
-    isolated.prewarm(["engine.jobs.mlp"])
-    warm = isolated._warm
-    assert warm is not None and warm.poll() is None
+    warm.prewarm(["engine.jobs.mlp"])
+    child = warm.current()
+    assert child is not None and child.poll() is None
     direct = make_payload("engine.jobs.mlp:initial_state", kwargs, here, isolate=False)
     assert make_payload("engine.jobs.mlp:initial_state", kwargs, there, isolate=True) == direct
-    assert warm.returncode == 0 and isolated._warm is None  # it served that call and exited
+    assert child.returncode == 0 and warm.current() is None  # it served that call and exited
     # a warm child that died waiting is replaced by a fresh one; a failing call still says why
-    isolated.prewarm(["engine.jobs.mlp"])
-    assert isolated._warm is not None
-    isolated._warm.kill()
-    isolated._warm.wait()
+    warm.prewarm(["engine.jobs.mlp"])
+    dead = warm.current()
+    assert dead is not None
+    dead.kill()
+    dead.wait()
     assert make_payload("engine.jobs.mlp:initial_state", kwargs, MemoryChunkStore(), isolate=True) == direct
-    isolated.prewarm(["engine.jobs.mlp"])
+    warm.prewarm(["engine.jobs.mlp"])
     with pytest.raises(EngineError, match="failed in its child process"):
         make_payload("engine.jobs.mlp:no_such_function", {}, there, isolate=True)
 

@@ -70,8 +70,9 @@ def _open(args: argparse.Namespace, settings: ServerSettings) -> FedServer:
 def cmd_server(args: argparse.Namespace) -> int:
     """Open the log, recover, and serve until SIGINT/SIGTERM."""
     if args.preload:
-        # first: the child's torch import then overlaps this process's own (SQL layer, app)
-        from engine.workflows.isolated import prewarm
+        # first: the child's torch import then overlaps this process's own (SQL layer, app);
+        # the command line's entry point has usually started it already (a no-op then)
+        from engine.workflows.warm import prewarm
 
         prewarm(args.preload)
     from engine.startup import importing

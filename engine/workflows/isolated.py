@@ -10,9 +10,10 @@ in-process server) the function runs here, with the same result: a payload's add
 depends only on its bytes.
 
 A fresh child pays for importing torch (~1 s of CPU) on the job's critical path.
-``prewarm(modules)`` (``fedlog server --preload MODULE``) starts one child at once that
-imports the modules and waits: the next isolated call runs there, then it exits, so no
-torch process outlives the call it served.
+``prewarm(modules)`` (``fedlog server --preload MODULE``; it lives in the import-light
+``engine.workflows.warm``) starts one child at once that imports the modules and
+waits: the next isolated call runs there, then it exits, so no torch process outlives
+the call it served.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +34,10 @@ from engine.errors import EngineError
 from engine.startup import importing
 from engine.tensors import Manifest, pack, unpack
 from engine.tensors import store as store_packed
+from engine.workflows import warm
+from engine.workflows.warm import prewarm
 
-__all__ = ["call_on_payload", "make_payload"]
+__all__ = ["call_on_payload", "make_payload", "prewarm"]
 
 #: set to 0 to run such functions in this process even when torch is not loaded
 ENV = "FEDLOG_ISOLATE_TORCH"
@@ -65,9 +67,6 @@ def _read(folder: Path) -> tuple[Manifest, dict[str, memoryview]]:
     return manifest, chunks
 
 
-_CHILD = [sys.executable, "-m", "engine.workflows.isolated"]
-
-
 def _exchange_dir() -> str | None:
     """Where payloads cross: shared memory where the machine has it (a model-sized file in
     it costs no disk page cache, whose fresh pages were ~10x slower to fill here), else the
@@ -76,31 +75,8 @@ def _exchange_dir() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
-_warm: subprocess.Popen[str] | None = None
-_warm_lock = threading.Lock()
-
-
-def prewarm(modules: list[str]) -> None:
-    """Start a child that imports ``modules`` now and runs the next isolated call (then exits)."""
-    global _warm
-    with _warm_lock:
-        if _warm is None or _warm.poll() is not None:
-            _warm = subprocess.Popen([*_CHILD, "serve", *modules], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
-
-
-def _take_warm() -> subprocess.Popen[str] | None:
-    global _warm
-    with _warm_lock:
-        child, _warm = _warm, None
-    if child is not None and child.poll() is not None:
-        child.communicate()
-        return None  # it died waiting (its stdin closed, or an import failed): start a fresh one
-    return child
-
-
 def _run(args: list[str], what: str) -> None:
-    child = _take_warm()
+    child = warm.take()
     if child is not None:
         try:
             out, err = child.communicate(json.dumps(args) + "\n")
@@ -110,7 +86,7 @@ def _run(args: list[str], what: str) -> None:
             child.communicate()
             child = None
     if child is None:
-        done = subprocess.run([*_CHILD, *args], capture_output=True, text=True, check=False)
+        done = subprocess.run([*warm.CHILD, *args], capture_output=True, text=True, check=False)
         out, err, code = done.stdout, done.stderr, done.returncode
     if code != 0:
         tail = (err or out).strip().splitlines()[-5:]
