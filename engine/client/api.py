@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from engine.chunks.base import Buffer
 from engine.chunks.wire import CHUNKS_HEADER, LENGTHS_HEADER, batches
 from engine.client.errors import TransportError
 from engine.client.transport import HttpTransport, Transport
@@ -61,7 +62,7 @@ def _lengths(header: str, body_len: int) -> list[int]:
     return lengths
 
 
-def put_chunks(transport: Transport, chunks: list[tuple[str, bytes | memoryview]]) -> None:
+def put_chunks(transport: Transport, chunks: list[tuple[str, Buffer]]) -> None:
     """``POST /v1/chunks/upload``: several chunks in as few requests as the batch limits allow."""
     for start, end in batches([len(data) for _, data in chunks]):
         batch = chunks[start:end]
@@ -108,7 +109,7 @@ class SiteApi:
             "missing"]
         return missing
 
-    def put_chunk(self, digest: str, data: bytes | memoryview) -> None:
+    def put_chunk(self, digest: str, data: Buffer) -> None:
         """Upload one chunk (the server verifies it against its address)."""
         self.transport.request("PUT", f"/v1/chunks/{digest}", body=data)
 
@@ -120,7 +121,7 @@ class SiteApi:
         """Download several chunks granted to this site, in one request per answer the server gives."""
         return get_chunks(self.transport, digests)
 
-    def put_chunks(self, chunks: list[tuple[str, bytes | memoryview]]) -> None:
+    def put_chunks(self, chunks: list[tuple[str, Buffer]]) -> None:
         """Upload several chunks in one request (the server verifies all before storing any)."""
         put_chunks(self.transport, chunks)
 

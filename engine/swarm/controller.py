@@ -48,6 +48,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.chunks import ChunkStore
+from engine.chunks.base import Buffer
 from engine.client.executor import SiteTask, load_callable
 from engine.errors import ConfigError, EngineError, RemoteError, TransitionRejected, TransportError
 from engine.faults import maybe_crash
@@ -229,7 +230,7 @@ class SwarmClientController:
         puts = [0]
         total = len(Manifest.from_bytes(self.store.get(digest)).chunk_digests())
 
-        def put(d: str, data: bytes | memoryview) -> None:
+        def put(d: str, data: Buffer) -> None:
             self.api.put_chunk(d, data)
             self.bytes_out += len(data)
             puts[0] += 1

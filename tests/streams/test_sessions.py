@@ -100,6 +100,35 @@ def test_send_pushes_only_what_the_peer_lacks_manifest_last(charts: ChartRegistr
     assert triggers(runtime, "send:a")[:4] == ["create", "offer", "want", "start"]
 
 
+def test_send_hands_out_views_and_a_corrupt_stored_copy_is_refused_by_the_peer(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    runtime, source, peer, digest = setup(charts, clock)
+    from engine.chunks.base import ChunkIntegrityError
+    from engine.tensors import Manifest
+
+    chunk_digests = Manifest.from_bytes(source.get(digest)).chunk_digests()
+    verified_reads: list[str] = []
+    plain_get = source.get
+
+    def get(d: str, *, verify: bool = True) -> bytes:
+        if verify:
+            verified_reads.append(d)
+        return plain_get(d, verify=verify)
+
+    source.get = get  # type: ignore[method-assign]
+    SendSession(runtime, source, peer.missing, peer.put, "send:views", put_many=lambda cs: [peer.put(d, b) for d, b in cs],
+                batch=4).run(digest)
+    # the chunks were read without hashing them here: the peer verifies each on write
+    assert not set(verified_reads) & set(chunk_digests) and peer.missing(chunk_digests) == []
+    # a stored copy that rotted is refused by the peer, names its chunk, and is never stored there
+    bad = chunk_digests[3]
+    source._chunks[bad] = b"\0" + plain_get(bad)[1:]
+    fresh = MemoryChunkStore()
+    with pytest.raises(ChunkIntegrityError, match=bad):
+        SendSession(runtime, source, fresh.missing, fresh.put, "send:rotted").run(digest)
+    assert fresh.missing([bad]) == [bad] and fresh.missing([digest]) == [digest]
+
+
 def test_batched_sessions_move_several_chunks_a_request_and_refetch_only_a_bad_copy(
         charts: ChartRegistry, clock: ManualClock) -> None:
     runtime, source, sink, digest = setup(charts, clock)
