@@ -94,4 +94,7 @@ def cmd_server(args: argparse.Namespace) -> int:
         sys.stdout.flush()
 
     serve_forever(server.app, options, ready, on_exit=server.begin_closing)
+    # the app's shutdown closed the log and the chunk store: skip the interpreter's teardown,
+    # which a stopping simulation or service manager would only wait for
+    args.exit_now = True
     return 0
