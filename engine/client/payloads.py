@@ -133,7 +133,7 @@ class SitePayloads:
                 continue
             manifest = Manifest.from_bytes(self.store.get(digest))
             for missing in self.api.missing_chunks([*manifest.chunk_digests(), digest]):
-                data = self.store.view(missing)  # the server verifies it (see SendSession)
+                data = self.store.get(missing, verify=False)  # the server verifies it (see SendSession)
                 self.api.put_chunk(missing, data)
                 sent += len(data)
         self.bytes_out += sent

@@ -263,17 +263,18 @@ class SendSession(_Session):
         self.put = put
         self.put_many = put_many
 
-    # chunks go out as unverified views of the store (no copy, no hashing here): the peer
-    # verifies every chunk against its address before storing it, and refuses a bad one
+    # chunks are read unverified (no hashing here): the peer verifies every chunk against its
+    # address before storing it and refuses a bad one. A plain read, not ``view``: a mapped
+    # pack would keep the pages read in this process's resident set for as long as it is mapped
     def _push(self, digest: str) -> int:
-        data = self.store.view(digest)
+        data = self.store.get(digest, verify=False)
         self.put(digest, data)
         return len(data)
 
     def _push_group(self, group: list[str]) -> int:
         if self.put_many is None or len(group) == 1:
             return sum(self._push(d) for d in group)
-        chunks = [(digest, self.store.view(digest)) for digest in group]
+        chunks = [(digest, self.store.get(digest, verify=False)) for digest in group]
         self.put_many(chunks)
         return sum(len(data) for _, data in chunks)
 

@@ -100,7 +100,7 @@ def test_send_pushes_only_what_the_peer_lacks_manifest_last(charts: ChartRegistr
     assert triggers(runtime, "send:a")[:4] == ["create", "offer", "want", "start"]
 
 
-def test_send_hands_out_views_and_a_corrupt_stored_copy_is_refused_by_the_peer(
+def test_send_reads_without_hashing_and_a_corrupt_stored_copy_is_refused_by_the_peer(
         charts: ChartRegistry, clock: ManualClock) -> None:
     runtime, source, peer, digest = setup(charts, clock)
     from engine.chunks.base import ChunkIntegrityError
