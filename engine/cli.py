@@ -63,9 +63,10 @@ def _start_warm_child(argv: Sequence[str]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``fedlog`` with ``argv``; return the process exit status."""
-    _start_warm_child(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    _start_warm_child(given)
     with importing():
-        parser = build_parser(sys.argv[1:] if argv is None else argv)
+        parser = build_parser(given)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.WARNING,

@@ -10,7 +10,7 @@ in-process server) the function runs here, with the same result: a payload's add
 depends only on its bytes.
 
 A fresh child pays for importing torch (~1 s of CPU) on the job's critical path.
-``prewarm(modules)`` (``fedlog server --preload MODULE``; it lives in the import-light
+``warm.prewarm(modules)`` (``fedlog server --preload MODULE``; the import-light
 ``engine.workflows.warm``) starts one child at once that imports the modules and
 waits: the next isolated call runs there, then it exits, so no torch process outlives
 the call it served.
@@ -35,9 +35,8 @@ from engine.startup import importing
 from engine.tensors import Manifest, pack, unpack
 from engine.tensors import store as store_packed
 from engine.workflows import warm
-from engine.workflows.warm import prewarm
 
-__all__ = ["call_on_payload", "make_payload", "prewarm"]
+__all__ = ["call_on_payload", "make_payload"]
 
 #: set to 0 to run such functions in this process even when torch is not loaded
 ENV = "FEDLOG_ISOLATE_TORCH"
@@ -152,7 +151,7 @@ def main(argv: list[str]) -> None:
 def _exit_at_once() -> None:
     """End the child without the interpreter's finalization, once its work is on disk.
 
-    Finalizing a process that imported torch took 0.4–0.5 s here, and the server
+    Finalizing a process that imported torch took 0.1–0.5 s here, and the server
     waits for the child to end before it reads the payload: that wait was on the job's
     critical path (the first round starts after the initial model is stored). Everything
     the child writes is closed by then; only the standard streams need a flush.
