@@ -29,9 +29,16 @@ Both run as installed software: fedlog's modules are byte-compiled first, as ``p
 install`` compiles NVFlare's (``fedlog_bytecode``). Wall time is the whole command
 (start-up included) for both; peak memory is the peak of the RSS summed over the
 command's process tree, sampled every 50 ms the same way for both. ``overhead_s`` =
-wall − floor.
+wall − floor. ``cpu_s`` is the CPU time (user + system) of the command and every
+process it started and waited for (``RUSAGE_CHILDREN``), next to ``serial_floor_s``,
+the CPU the training itself needs: on two cores both systems are CPU-bound, so this
+figure shows where the overhead goes with less noise than the wall time.
 
-Usage: ``python tools/bench/vs_nvflare.py [--quick] [--out FILE] [--venv DIR]``.
+``--repeat N`` measures the floor, fedlog and NVFlare N times each, in turn, and
+reports the median of each (the ratios are taken from the medians) with every run
+in the ``*_runs`` keys: this machine's speed drifts by tens of percent within minutes.
+
+Usage: ``python tools/bench/vs_nvflare.py [--quick] [--repeat N] [--only C:M:R] [--out FILE] [--venv DIR]``.
 ``--quick``: the 2-client, 5 MiB, 2-round configuration only.
 """
 
@@ -40,11 +47,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +176,29 @@ def _rss(pid: int) -> int:
         return 0
 
 
+def _children_cpu_s() -> float:
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One run of a command: wall seconds, peak summed RSS of its tree, CPU seconds of its tree."""
+
+    wall_s: float
+    peak_rss_bytes: int
+    cpu_s: float
+
+
 def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str | None = None,
-                 timeout: float = 1800) -> tuple[float, int, str]:
-    """Run ``cmd``; return (wall seconds, peak summed RSS of its process tree, combined output)."""
+                 timeout: float = 1800) -> tuple[Measured, str]:
+    """Run ``cmd``; return its measurements and its combined output.
+
+    The CPU time is what ``RUSAGE_CHILDREN`` gained over the run: the command's and that
+    of every descendant a parent waited for (both systems wait for their workers).
+    """
     with tempfile.TemporaryFile() as out:
+        cpu_before = _children_cpu_s()
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
         peak = 0
@@ -192,7 +222,7 @@ def run_measured(cmd: list[str], *, env: dict[str, str] | None = None, cwd: str 
         text = out.read().decode(errors="replace")
     if rc != 0:
         raise RuntimeError(f"{cmd[:4]} exited {rc}:\n{text[-4000:]}")
-    return wall, peak, text
+    return Measured(wall, peak, _children_cpu_s() - cpu_before), text
 
 
 # -- the three measurements -------------------------------------------------------------------
@@ -234,7 +264,7 @@ def fedlog_bytecode() -> list[str]:
 
 
 def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path, process_per_site: bool = False
-               ) -> tuple[float, int]:
+               ) -> Measured:
     hidden, depth = MODELS[model_mib]
     spec = {"name": f"mlp-{model_mib}mib", "workflow": "fedavg_torch", "executor": "engine.jobs.mlp:train",
             "min_sites": clients,
@@ -243,13 +273,14 @@ def run_fedlog(clients: int, model_mib: int, rounds: int, work: Path, process_pe
     path = work / f"fedlog-{clients}-{model_mib}-{rounds}.json"
     path.write_text(json.dumps(spec))
     workdir = work / f"fedlog-run-{clients}-{model_mib}-{rounds}-{int(process_per_site)}"
-    wall, peak, text = run_measured([sys.executable, "-m", "engine", "simulate", str(path), "--clients", str(clients),
+    shutil.rmtree(workdir, ignore_errors=True)  # every run starts from nothing
+    measured, text = run_measured([sys.executable, "-m", "engine", "simulate", str(path), "--clients", str(clients),
                                      "--json", "--workdir", str(workdir)]
                                     + ["--process-per-site"] * process_per_site, cwd=str(work))
     summary = json.loads(text.strip().splitlines()[-1])
     if summary.get("status") != "finished":
         raise RuntimeError(f"fedlog job did not finish: {summary}")
-    return wall, peak
+    return measured
 
 
 def nvflare_venv(venv: Path) -> Path:
@@ -267,7 +298,7 @@ def nvflare_venv(venv: Path) -> Path:
     return python
 
 
-def run_nvflare(python: Path, clients: int, model_mib: int, rounds: int, work: Path) -> tuple[float, int]:
+def run_nvflare(python: Path, clients: int, model_mib: int, rounds: int, work: Path) -> Measured:
     hidden, depth = MODELS[model_mib]
     job = work / f"nvflare-{clients}-{model_mib}-{rounds}"
     job.mkdir(parents=True, exist_ok=True)
@@ -275,11 +306,62 @@ def run_nvflare(python: Path, clients: int, model_mib: int, rounds: int, work: P
     (job / "client.py").write_text(NVF_CLIENT)
     (job / "job.py").write_text(NVF_JOB)
     env = {**os.environ, "PYTHONPATH": str(job), "OMP_NUM_THREADS": "1"}
-    wall, peak, text = run_measured([str(python), str(job / "job.py"), str(job), str(job / "workspace"),
+    shutil.rmtree(job / "workspace", ignore_errors=True)  # every run starts from nothing
+    measured, text = run_measured([str(python), str(job / "job.py"), str(job), str(job / "workspace"),
                                      str(clients), str(rounds), str(hidden), str(depth)], env=env, cwd=str(job))
     if "NVFLARE_STATUS" not in text:
         raise RuntimeError(f"NVFlare run did not report completion:\n{text[-3000:]}")
-    return wall, peak
+    return measured
+
+
+def _median(values: list[float]) -> float:
+    return round(statistics.median(values), 3)
+
+
+def measure(clients: int, model_mib: int, rounds: int, work: Path, python: Path | None, repeat: int,
+            process_per_site: bool) -> dict[str, Any]:
+    """One configuration's JSON entry: the floor, fedlog and NVFlare, ``repeat`` times each, in turn."""
+    serials: list[float] = []
+    floors: list[float] = []
+    fed: list[Measured] = []
+    pps: list[Measured] = []
+    nvf: list[Measured] = []
+    for _ in range(repeat):
+        serial, par = floor(clients, model_mib, rounds)
+        serials.append(serial)
+        floors.append(par)
+        fed.append(run_fedlog(clients, model_mib, rounds, work))
+        if process_per_site:
+            pps.append(run_fedlog(clients, model_mib, rounds, work, process_per_site=True))
+        if python is not None:
+            nvf.append(run_nvflare(python, clients, model_mib, rounds, work))
+    par = _median(floors)
+    f_wall = _median([m.wall_s for m in fed])
+    f_peak = int(statistics.median([m.peak_rss_bytes for m in fed]))
+    entry: dict[str, Any] = {"clients": clients, "model_mib": model_mib, "rounds": rounds,
+                             "serial_floor_s": _median(serials), "floor_s": par,
+                             "fedlog_wall_s": f_wall, "fedlog_overhead_s": round(f_wall - par, 3),
+                             "fedlog_cpu_s": _median([m.cpu_s for m in fed]),
+                             "fedlog_peak_rss_bytes": f_peak}
+    if repeat > 1:
+        entry.update({"floor_s_runs": [round(x, 3) for x in floors],
+                      "fedlog_wall_s_runs": [round(m.wall_s, 3) for m in fed]})
+    if pps:
+        entry.update({"fedlog_pps_wall_s": _median([m.wall_s for m in pps]),
+                      "fedlog_pps_cpu_s": _median([m.cpu_s for m in pps]),
+                      "fedlog_pps_peak_rss_bytes": int(statistics.median([m.peak_rss_bytes for m in pps]))})
+    if nvf:
+        n_wall = _median([m.wall_s for m in nvf])
+        n_peak = int(statistics.median([m.peak_rss_bytes for m in nvf]))
+        entry.update({"nvflare_wall_s": n_wall, "nvflare_overhead_s": round(n_wall - par, 3),
+                      "nvflare_cpu_s": _median([m.cpu_s for m in nvf]),
+                      "nvflare_peak_rss_bytes": n_peak,
+                      "wall_speedup": round(n_wall / f_wall, 2),
+                      "overhead_ratio": round((f_wall - par) / max(1e-9, n_wall - par), 3),
+                      "memory_ratio": round(f_peak / n_peak, 3)})
+        if repeat > 1:
+            entry["nvflare_wall_s_runs"] = [round(m.wall_s, 3) for m in nvf]
+    return entry
 
 
 def main() -> None:
@@ -292,7 +374,11 @@ def main() -> None:
                         help="also run fedlog with every site in a process of its own")
     parser.add_argument("--only", action="append", default=[], metavar="CLIENTS:MIB:ROUNDS",
                         help="run only this configuration (repeatable), e.g. 4:34:5")
+    parser.add_argument("--repeat", type=int, default=1, metavar="N",
+                        help="measure each system N times per configuration and report the medians")
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
     torch.set_num_threads(1)
     configs = [(2, 5, 2)] if args.quick else [(c, m, r) for m in (5, 34) for c in (2, 4) for r in (2, 5)]
     if args.only:
@@ -303,25 +389,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fedlog-vs-nvflare-") as tmp:
         work = Path(tmp)
         for clients, model_mib, rounds in configs:
-            serial, par = floor(clients, model_mib, rounds)
-            f_wall, f_peak = run_fedlog(clients, model_mib, rounds, work)
-            entry: dict[str, Any] = {"clients": clients, "model_mib": model_mib, "rounds": rounds,
-                                     "serial_floor_s": round(serial, 3), "floor_s": round(par, 3),
-                                     "fedlog_wall_s": round(f_wall, 3), "fedlog_overhead_s": round(f_wall - par, 3),
-                                     "fedlog_peak_rss_bytes": f_peak}
-            if args.process_per_site:
-                p_wall, p_peak = run_fedlog(clients, model_mib, rounds, work, process_per_site=True)
-                entry.update({"fedlog_pps_wall_s": round(p_wall, 3), "fedlog_pps_peak_rss_bytes": p_peak})
-            if python is not None:
-                n_wall, n_peak = run_nvflare(python, clients, model_mib, rounds, work)
-                entry.update({"nvflare_wall_s": round(n_wall, 3), "nvflare_overhead_s": round(n_wall - par, 3),
-                              "nvflare_peak_rss_bytes": n_peak,
-                              "wall_speedup": round(n_wall / f_wall, 2),
-                              "overhead_ratio": round((f_wall - par) / max(1e-9, n_wall - par), 3),
-                              "memory_ratio": round(f_peak / n_peak, 3)})
+            entry = measure(clients, model_mib, rounds, work, python, args.repeat, args.process_per_site)
             print(json.dumps(entry), file=sys.stderr)
             results.append(entry)
-    text = json.dumps({"configurations": results, "cores": os.cpu_count(), "nvflare": NVFLARE_VERSION,
+    text = json.dumps({"configurations": results, "cores": os.cpu_count(), "repeat": args.repeat,
+                       "nvflare": NVFLARE_VERSION,
                        "torch": torch.__version__}, indent=2)
     print(text)
     if args.out:
