@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import threading
 
 from engine.startup import importing
@@ -40,3 +41,18 @@ def test_a_collector_that_was_off_stays_off() -> None:
     finally:
         gc.enable()
         gc.unfreeze()
+
+
+def test_fedlog_processes_give_numpy_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
+    from engine.cli import one_blas_thread
+
+    for argv, expected in ((["server", "--db", "x.db"], "1"), (["simulate", "job.json"], "1"),
+                           (["client", "--identity", "a", "--identity", "b"], "1"),
+                           (["client", "--identity=a", "--identity=b"], "1"),
+                           (["client", "--identity", "a"], None)):
+        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
+        one_blas_thread(argv)
+        assert os.environ.get("OPENBLAS_NUM_THREADS") == expected, argv
+    monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
+    one_blas_thread(["server"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
