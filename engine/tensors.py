@@ -335,24 +335,36 @@ def _empty_array(spec: TensorSpec) -> tuple[Any, np.ndarray[Any, Any]]:
     return array, array.reshape(-1).view(np.uint8)
 
 
-def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview], *, arrays: bool = False) -> Any:
-    """Rebuild the payload: allocate each tensor once, copy its chunks in (each checked for length).
+def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview] | None = None, *,
+           arrays: bool = False, read_into: Callable[[str, Any], int] | None = None) -> Any:
+    """Rebuild the payload: allocate each tensor once, fill it chunk by chunk (each checked for length).
 
-    ``arrays``: numpy arrays instead of torch tensors when numpy has every dtype of the
-    payload (the server aggregates this way without importing torch); otherwise tensors.
-    The bytes, and so the address of a payload packed from them again, are the same.
+    The chunks come from ``read_into(digest, target)`` (a store's ``read_into``: verified,
+    straight into the tensor's memory) or else from ``get_chunk(digest)`` (their bytes,
+    copied in). ``arrays``: numpy arrays instead of torch tensors when numpy has every
+    dtype of the payload (the server aggregates this way without importing torch);
+    otherwise tensors. The bytes, and so the address of a payload packed from them
+    again, are the same.
     """
+    if read_into is None and get_chunk is None:
+        raise TypeError("unpack needs get_chunk or read_into")
     as_arrays = arrays and all(spec.dtype in _NUMPY for spec in manifest.tensors)
     tensors: list[Any] = []
     for i, spec in enumerate(manifest.tensors):
         tensor, target = _empty_array(spec) if as_arrays else _empty_tensor(i, spec)
         if spec.nbytes:
             for digest, offset, length in spec.chunk_lengths():
-                data = get_chunk(digest)
-                if len(data) != length:
-                    raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {len(data)} bytes, the "
+                if read_into is not None:
+                    size = read_into(digest, target[offset:offset + length])
+                else:
+                    assert get_chunk is not None
+                    data = get_chunk(digest)
+                    size = len(data)
+                    if size == length:
+                        target[offset:offset + length] = np.frombuffer(data, dtype=np.uint8)
+                if size != length:
+                    raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {size} bytes, the "
                                                                f"manifest says {length}")
-                target[offset:offset + length] = np.frombuffer(data, dtype=np.uint8)
         tensors.append(tensor)
 
     def build(node: Any) -> Any:
@@ -380,7 +392,8 @@ def store(packed: Packed, chunk_store: ChunkStore) -> str:
 
 def load(chunk_store: ChunkStore, manifest_digest: str, *, arrays: bool = False) -> Any:
     """The payload whose manifest is stored under ``manifest_digest`` (chunks verified on read)."""
-    return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), chunk_store.get, arrays=arrays)
+    return unpack(Manifest.from_bytes(chunk_store.get(manifest_digest)), arrays=arrays,
+                  read_into=chunk_store.read_into)
 
 
 # -- references: how JSON (task data, results, events) points at a packed payload ---------------

@@ -153,6 +153,37 @@ def test_a_corrupt_chunk_is_never_used() -> None:
         load(chunks, digest)
 
 
+def test_a_corrupt_chunk_on_disk_is_never_used_and_is_dropped(tmp_path: Path) -> None:
+    chunks = LocalChunkStore(tmp_path / "c")
+    packed = pack({"w": torch.randn(100)}, chunk_size=64)
+    digest = store(packed, chunks)
+    victim = packed.manifest.tensors[0].chunks[2]
+    stat = chunks.stat(victim)
+    assert stat is not None and stat.pack is not None
+    with open(chunks.packs_dir / stat.pack, "r+b") as fh:
+        fh.seek(stat.offset)
+        fh.write(b"\x00\x01")
+    with pytest.raises(ChunkIntegrityError, match=victim):
+        load(chunks, digest)
+    assert chunks.missing(packed.manifest.chunk_digests()) == [victim]  # fetched again, not used
+    chunks.close()
+
+
+@pytest.mark.parametrize("kind", ["memory", "local"])
+def test_a_chunk_of_another_length_than_the_manifest_says_is_refused(kind: str, tmp_path: Path) -> None:
+    chunks = MemoryChunkStore() if kind == "memory" else LocalChunkStore(tmp_path / "c")
+    packed = pack({"w": torch.randn(100)}, chunk_size=64)  # 400 bytes: six chunks of 64, one of 16
+    store(packed, chunks)
+    doc = packed.manifest.as_json()
+    doc["tensors"][0]["chunks"][-1] = doc["tensors"][0]["chunks"][0]  # a held chunk of 64 bytes
+    lying = Manifest.from_json(doc)
+    with pytest.raises(ManifestError, match="has 64 bytes, the manifest says 16"):
+        unpack(lying, read_into=chunks.read_into)
+    with pytest.raises(ManifestError, match="has 64 bytes, the manifest says 16"):
+        unpack(lying, chunks.get)
+    chunks.close()
+
+
 def manifest_json(**tensor_changes: Any) -> dict[str, Any]:
     doc = pack({"w": torch.zeros(4, 4)}, chunk_size=32).manifest.as_json()
     doc["tensors"][0].update(tensor_changes)

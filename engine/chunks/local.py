@@ -293,6 +293,22 @@ class LocalChunkStore(ChunkStore):
                                               "it was dropped from the index and must be fetched again")
         return data
 
+    def read_into(self, digest: str, target: Buffer) -> int:
+        found = self.stat(digest)
+        if found is None:
+            raise ChunkMissing(digest, f"the chunk store {self.directory}")
+        assert found.pack is not None
+        into = memoryview(target).cast("B")
+        if len(into) != found.length:
+            return found.length
+        with self._lock:  # as in get: compaction does not close the pack under the read
+            got = os.preadv(self._reader(found.pack), [into], found.offset) if found.length else 0
+        if got != found.length or hash_bytes(into) != digest:
+            self._drop(digest)
+            raise ChunkIntegrityError(digest, f"the copy in {found.pack} at {found.offset} is corrupt; "
+                                              "it was dropped from the index and must be fetched again")
+        return found.length
+
     def _drop(self, digest: str) -> None:
         with self._lock:
             self._begin()

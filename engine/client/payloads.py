@@ -93,14 +93,14 @@ class SitePayloads:
                                           reporter=self._reporter(server_side) if reported else None)
                 manifest, report = receiver.run(digest)
                 self.reports.append(report)
-                return unpack(manifest, self.store.get)
+                return unpack(manifest, read_into=self.store.read_into)
             if self.store.missing([digest]):
                 self._download(digest)
             manifest = Manifest.from_bytes(self.store.get(digest))
             for missing in self.store.missing(manifest.chunk_digests()):
                 self._download(missing)
             self.store.sync()
-            return unpack(manifest, self.store.get)
+            return unpack(manifest, read_into=self.store.read_into)
 
         return replace_refs(value, load)
 

@@ -253,7 +253,7 @@ class SwarmClientController:
                        entry_timeout=self.config.request_to_submit_result_msg_timeout * 6).run(digest)
 
     def _load(self, digest: str, *, arrays: bool = False) -> Any:
-        return unpack(Manifest.from_bytes(self.store.get(digest)), self.store.get, arrays=arrays)
+        return unpack(Manifest.from_bytes(self.store.get(digest)), arrays=arrays, read_into=self.store.read_into)
 
     def _store(self, value: Any) -> str:
         return store_packed(pack(value), self.store)

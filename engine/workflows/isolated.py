@@ -114,7 +114,7 @@ def call_on_payload(fn: str, digest: str, store: ChunkStore, *, isolate: bool | 
     """JSON ``fn(payload)`` for the payload stored under ``digest`` (``isolate`` as for ``make_payload``)."""
     manifest = Manifest.from_bytes(store.get(digest))
     if not _isolate(isolate):
-        return load_callable(fn, "function")(unpack(manifest, store.get))
+        return load_callable(fn, "function")(unpack(manifest, read_into=store.read_into))
     with tempfile.TemporaryDirectory(prefix="fedlog-isolated-", dir=_exchange_dir()) as tmp:
         _write(Path(tmp), manifest, store.get)
         _run(["call", fn, tmp], f"{fn}(payload {digest[:16]})")

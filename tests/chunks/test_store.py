@@ -77,6 +77,36 @@ def test_a_corrupt_copy_is_never_returned_and_is_dropped(tmp_path: Path) -> None
     store.close()
 
 
+def test_read_into_fills_the_callers_buffer_verified_and_leaves_a_wrong_sized_one_alone(store: ChunkStore) -> None:
+    (a, da), (b, _) = chunk(5, 3000), chunk(6)
+    store.put(a, da)
+    store.sync()
+    target = bytearray(len(da) + 10)
+    assert store.read_into(a, memoryview(target)[5:5 + len(da)]) == len(da)
+    assert bytes(target[5:5 + len(da)]) == da and target[:5] == b"\0" * 5
+    short = bytearray(len(da) - 1)
+    assert store.read_into(a, short) == len(da)  # the caller names the mismatch
+    assert short == bytearray(len(da) - 1)
+    with pytest.raises(ChunkMissing, match=b):
+        store.read_into(b, bytearray(1000))
+
+
+def test_read_into_refuses_a_corrupt_copy_and_drops_it(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c")
+    a, da = chunk(7)
+    store.put(a, da)
+    store.sync()
+    stat = store.stat(a)
+    assert stat is not None and stat.pack is not None
+    with open(store.packs_dir / stat.pack, "r+b") as fh:
+        fh.seek(stat.offset + 3)
+        fh.write(b"\xff")
+    with pytest.raises(ChunkIntegrityError, match="dropped from the index"):
+        store.read_into(a, bytearray(len(da)))
+    assert store.missing([a]) == [a]  # to be fetched again
+    store.close()
+
+
 def test_serving_without_rehashing_hands_over_the_stored_bytes_for_the_peer_to_check(tmp_path: Path) -> None:
     from engine.chunks.base import verify
 
