@@ -5,6 +5,7 @@ and the readable views render the same timestamps on both dialects."""
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 import threading
@@ -306,3 +307,56 @@ def test_opening_an_up_to_date_log_does_not_import_alembic(tmp_path: Path) -> No
              "print('alembic' in sys.modules)")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def _master(path: Path) -> list[tuple[str, str, str, str | None]]:
+    engine = create_engine(f"sqlite:///{path}", poolclass=pool.NullPool)
+    with engine.connect() as conn:
+        rows = conn.exec_driver_sql("SELECT type, name, tbl_name, sql FROM sqlite_master ORDER BY type, name")
+        out = [tuple(r) for r in rows]
+    engine.dispose()
+    return out  # type: ignore[return-value]
+
+
+def test_the_shipped_sqlite_snapshot_is_what_alembic_makes(tmp_path: Path) -> None:
+    """A fresh SQLite log is made from ``migrations/sqlite_head.json``: it must be Alembic's HEAD schema.
+
+    After adding a migration, run ``python tools/schema_snapshot.py``.
+    """
+    migrated = tmp_path / "migrated.db"
+    migrate.upgrade(f"sqlite:///{migrated}")
+    shipped = json.loads((data_dir("migrations") / migrate.SQLITE_SNAPSHOT).read_text())
+    assert shipped == migrate.sqlite_snapshot(f"sqlite:///{migrated}"), "run: python tools/schema_snapshot.py"
+    fresh = tmp_path / "fresh.db"
+    with open_recorder(fresh):
+        pass  # made from the snapshot
+    assert _master(fresh) == _master(migrated)
+    assert migrate.status(f"sqlite:///{fresh}").up_to_date
+    assert migrate.check(f"sqlite:///{fresh}") == []
+
+
+def test_a_fresh_sqlite_log_is_made_without_alembic(tmp_path: Path) -> None:
+    probe = ("import sys; from engine.log.sql import open_recorder\n"
+             f"with open_recorder({str(tmp_path / 'new.db')!r}) as rec: rec.machines()\n"
+             "print('alembic' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+
+
+def test_a_stale_or_missing_snapshot_falls_back_to_alembic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(migrate, "_snapshot", [])  # as when the file is not of HEAD
+    fresh = tmp_path / "fresh.db"
+    with open_recorder(fresh):
+        pass
+    assert migrate.check(f"sqlite:///{fresh}") == []
+    assert migrate.status(f"sqlite:///{fresh}").up_to_date
+
+
+def test_the_snapshot_never_touches_a_database_that_is_not_empty(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    engine = create_engine(f"sqlite:///{db}", poolclass=pool.NullPool)
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE theirs (x INTEGER)")
+    assert migrate._create_from_snapshot(engine) is False
+    assert [r[1] for r in _master(db)] == ["theirs"]
+    engine.dispose()
