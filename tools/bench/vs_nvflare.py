@@ -35,8 +35,9 @@ the CPU the training itself needs: on two cores both systems are CPU-bound, so t
 figure shows where the overhead goes with less noise than the wall time.
 
 ``--repeat N`` measures the floor, fedlog and NVFlare N times each, in turn, and
-reports the median of each (the ratios are taken from the medians) with every run
-in the ``*_runs`` keys: this machine's speed drifts by tens of percent within minutes.
+reports the median of each, every run in the ``*_runs`` keys, and each ratio as the
+median of the runs' ratios (each run's from its own floor, fedlog and NVFlare figures):
+this machine's speed drifts by tens of percent within minutes.
 
 Usage: ``python tools/bench/vs_nvflare.py [--quick] [--repeat N] [--only C:M:R] [--out FILE] [--venv DIR]``.
 ``--quick``: the 2-client, 5 MiB, 2-round configuration only.
@@ -353,14 +354,23 @@ def measure(clients: int, model_mib: int, rounds: int, work: Path, python: Path 
     if nvf:
         n_wall = _median([m.wall_s for m in nvf])
         n_peak = int(statistics.median([m.peak_rss_bytes for m in nvf]))
+        # each run's ratios from that run's floor, fedlog and NVFlare (measured within a minute of
+        # each other), then their median: medians of the three series taken apart would pair
+        # figures of different runs
+        speedups = [n.wall_s / f.wall_s for f, n in zip(fed, nvf, strict=True)]
+        overheads = [(f.wall_s - p) / max(1e-9, n.wall_s - p) for f, n, p in zip(fed, nvf, floors, strict=True)]
+        memories = [f.peak_rss_bytes / n.peak_rss_bytes for f, n in zip(fed, nvf, strict=True)]
         entry.update({"nvflare_wall_s": n_wall, "nvflare_overhead_s": round(n_wall - par, 3),
                       "nvflare_cpu_s": _median([m.cpu_s for m in nvf]),
                       "nvflare_peak_rss_bytes": n_peak,
-                      "wall_speedup": round(n_wall / f_wall, 2),
-                      "overhead_ratio": round((f_wall - par) / max(1e-9, n_wall - par), 3),
-                      "memory_ratio": round(f_peak / n_peak, 3)})
+                      "wall_speedup": round(statistics.median(speedups), 2),
+                      "overhead_ratio": round(statistics.median(overheads), 3),
+                      "memory_ratio": round(statistics.median(memories), 3)})
         if repeat > 1:
-            entry["nvflare_wall_s_runs"] = [round(m.wall_s, 3) for m in nvf]
+            entry.update({"nvflare_wall_s_runs": [round(m.wall_s, 3) for m in nvf],
+                          "wall_speedup_runs": [round(x, 2) for x in speedups],
+                          "overhead_ratio_runs": [round(x, 3) for x in overheads],
+                          "memory_ratio_runs": [round(x, 3) for x in memories]})
     return entry
 
 
