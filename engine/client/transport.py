@@ -17,6 +17,7 @@ raises: ``TransportError`` when no HTTP answer came, ``AuthError`` for 401/403,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import re
 import select
@@ -24,6 +25,7 @@ import socket
 import ssl
 import threading
 from collections.abc import Mapping
+from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +133,14 @@ def _target(prefix: str, path: str, query: Mapping[str, Any] | None) -> str:
         text = {k: ("true" if v is True else "false" if v is False else str(v)) for k, v in query.items()}
         target += ("&" if "?" in target else "?") + urlencode(text)
     return target
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task of the running loop and wait for them to end."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class HttpTransport:
@@ -333,6 +343,8 @@ class AsgiTransport:
         except FutureTimeout:
             future.cancel()
             raise TransportError(method, url, "timed out waiting for the app", maybe_processed=True) from None
+        except FutureCancelled:
+            raise TransportError(method, url, "the transport was closed", maybe_processed=True) from None
 
     def request(
         self,
@@ -412,6 +424,11 @@ class AsgiTransport:
             self._run(self._lifespan.shutdown(), 30.0, "lifespan", "shutdown")
             self._lifespan = None
         if self._owns_loop and self._loop.is_running():
+            # requests still in flight (a long poll whose caller stopped waiting) are cancelled
+            # and run to their end first: a task left pending in a closed loop is destroyed
+            # with a warning at exit
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_pending(), self._loop).result(10.0)
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10.0)
             self._loop.close()

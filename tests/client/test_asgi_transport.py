@@ -53,3 +53,37 @@ def test_raw_app_failure_looks_like_uvicorns_500() -> None:
     with AsgiTransport(broken, None, lifespan=False) as client, pytest.raises(RemoteError) as err:
         client.request("GET", "/x")
     assert (err.value.status, err.value.code, err.value.message) == (500, "http_500", "Internal Server Error")
+
+
+def test_closing_cancels_requests_in_flight_and_their_callers_are_told() -> None:
+    import threading
+
+    cancelled = threading.Event()
+    entered = threading.Event()
+
+    async def long_poll(request: Request) -> Response:
+        entered.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            cancelled.set()  # the app's task ran to its end: nothing is left pending in the closed loop
+            raise
+        return json_response({})  # pragma: no cover
+
+    client = AsgiTransport(App(Router([Route("GET", "/poll", long_poll, "poll", roles=None)])), None)
+    errors: list[BaseException] = []
+
+    def poll() -> None:
+        try:
+            client.request("GET", "/poll", timeout=60)
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    caller = threading.Thread(target=poll)
+    caller.start()
+    assert entered.wait(10)
+    client.close()
+    caller.join(10)
+    assert not caller.is_alive()  # told at once, not after its 60 s
+    assert cancelled.is_set()
+    assert len(errors) == 1 and isinstance(errors[0], TransportError) and "closed" in errors[0].reason
