@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, hash_bytes
+from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, copy_into, hash_bytes
 from engine.errors import ChunkError, ManifestError
 
 __all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT", "REF_KEY", "Manifest", "Packed", "TensorSpec", "has_tensors",
@@ -335,6 +335,10 @@ def _empty_array(spec: TensorSpec) -> tuple[Any, np.ndarray[Any, Any]]:
     return array, array.reshape(-1).view(np.uint8)
 
 
+def _copy_chunk(get_chunk: Callable[[str], bytes | memoryview], digest: str, target: Any) -> int:
+    return copy_into(target, get_chunk(digest))
+
+
 def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview] | None = None, *,
            arrays: bool = False, read_into: Callable[[str, Any], int] | None = None) -> Any:
     """Rebuild the payload: allocate each tensor once, fill it chunk by chunk (each checked for length).
@@ -346,22 +350,17 @@ def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview] | 
     otherwise tensors. The bytes, and so the address of a payload packed from them
     again, are the same.
     """
-    if read_into is None and get_chunk is None:
-        raise TypeError("unpack needs get_chunk or read_into")
+    if read_into is None:
+        if get_chunk is None:
+            raise TypeError("unpack needs get_chunk or read_into")
+        read_into = functools.partial(_copy_chunk, get_chunk)
     as_arrays = arrays and all(spec.dtype in _NUMPY for spec in manifest.tensors)
     tensors: list[Any] = []
     for i, spec in enumerate(manifest.tensors):
         tensor, target = _empty_array(spec) if as_arrays else _empty_tensor(i, spec)
         if spec.nbytes:
             for digest, offset, length in spec.chunk_lengths():
-                if read_into is not None:
-                    size = read_into(digest, target[offset:offset + length])
-                else:
-                    assert get_chunk is not None
-                    data = get_chunk(digest)
-                    size = len(data)
-                    if size == length:
-                        target[offset:offset + length] = np.frombuffer(data, dtype=np.uint8)
+                size = read_into(digest, target[offset:offset + length])
                 if size != length:
                     raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {size} bytes, the "
                                                                f"manifest says {length}")

@@ -280,33 +280,38 @@ class LocalChunkStore(ChunkStore):
                                    (check_digest(digest),)).fetchone()
         return None if row is None else ChunkStat(digest, row[2], row[0], row[1])
 
-    def get(self, digest: str, *, verify: bool = True) -> bytes:
+    def _found(self, digest: str) -> ChunkStat:
         found = self.stat(digest)
         if found is None:
             raise ChunkMissing(digest, f"the chunk store {self.directory}")
         assert found.pack is not None
+        return found
+
+    def _refuse(self, found: ChunkStat) -> ChunkIntegrityError:
+        """Drop a copy that failed its check from the index; the error to raise (it is never used)."""
+        self._drop(found.digest)
+        return ChunkIntegrityError(found.digest, f"the copy in {found.pack} at {found.offset} is corrupt; "
+                                                 "it was dropped from the index and must be fetched again")
+
+    def get(self, digest: str, *, verify: bool = True) -> bytes:
+        found = self._found(digest)
+        assert found.pack is not None
         with self._lock:
             data = os.pread(self._reader(found.pack), found.length, found.offset)
         if len(data) != found.length or (verify and hash_bytes(data) != digest):
-            self._drop(digest)
-            raise ChunkIntegrityError(digest, f"the copy in {found.pack} at {found.offset} is corrupt; "
-                                              "it was dropped from the index and must be fetched again")
+            raise self._refuse(found)
         return data
 
     def read_into(self, digest: str, target: Buffer) -> int:
-        found = self.stat(digest)
-        if found is None:
-            raise ChunkMissing(digest, f"the chunk store {self.directory}")
+        found = self._found(digest)
         assert found.pack is not None
         into = memoryview(target).cast("B")
         if len(into) != found.length:
             return found.length
         with self._lock:  # as in get: compaction does not close the pack under the read
-            got = os.preadv(self._reader(found.pack), [into], found.offset) if found.length else 0
+            got = os.preadv(self._reader(found.pack), [into], found.offset)
         if got != found.length or hash_bytes(into) != digest:
-            self._drop(digest)
-            raise ChunkIntegrityError(digest, f"the copy in {found.pack} at {found.offset} is corrupt; "
-                                              "it was dropped from the index and must be fetched again")
+            raise self._refuse(found)
         return found.length
 
     def _drop(self, digest: str) -> None:

@@ -255,6 +255,9 @@ def _create_from_snapshot(engine: Engine) -> bool:
     statements = _snapshot_statements()
     if not statements:
         return False
+    with _reporting(engine), engine.connect() as conn:  # an existing log is not write-locked to learn it
+        if conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar():
+            return False
     with _MIGRATION_LOCK, _reporting(engine), engine.connect() as conn:
         conn.exec_driver_sql("BEGIN IMMEDIATE")
         if conn.exec_driver_sql("SELECT count(*) FROM sqlite_master").scalar():

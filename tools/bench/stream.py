@@ -261,16 +261,16 @@ def rss_run(mib: int, work: Path, token: str, batch: int) -> dict[str, int]:
     with LocalChunkStore(f"{db}.chunks") as chunks:
         digest = store(pack(model, chunk_size=CHUNK), chunks)
     del model
+    dirs = [work / f"rss{i}" for i in range(RECEIVERS)]
     server = ServerProcess(["server", "--credentials", str(work / "fed" / SERVER_DIR), "--db", str(db),
                             "--port", "0", "--no-tls"], module="engine.cli").start(timeout=60)
     try:
-        dirs = [work / f"rss{i}" for i in range(RECEIVERS)]
         print(f"[stream] sender RSS: a {mib} MiB model to {RECEIVERS} receivers", file=sys.stderr, flush=True)
         run_receivers(server.url, token, digest, dirs, batch)
         peak = peak_rss(server.pid)
     finally:
         server.stop()
-        for d in [work / f"rss{i}" for i in range(RECEIVERS)]:
+        for d in dirs:
             shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(f"{db}.chunks", ignore_errors=True)
     return {"rss_model_bytes": model_bytes, "sender_peak_rss_bytes": peak}
