@@ -343,6 +343,7 @@ class Simulation:
 
     def _watch(self, admin: AdminApi, job_id: str, started: float) -> dict[str, Any]:
         last = ""
+        seen: str | None = None
         while True:
             if time.monotonic() - started > self.o.timeout:
                 raise EngineError(f"job {job_id} did not end within {self.o.timeout:g} s")
@@ -373,9 +374,18 @@ class Simulation:
                     else:
                         self._say(f"{site} exited with {proc.returncode}; restarting")
                     self._start_client(site)
+            server_dies = bool(self.points or self.server_appends
+                               or any(k.target == "server" and not k.done for k in self.kills))
+            # with faults to inject, look every 0.1 s (kills land on time, dead sites restart at
+            # once); otherwise long-poll: the server answers when the job changed, at the latest
+            # after a second (a site that died on its own is restarted within it)
+            eager = server_dies or any(not k.done for k in self.kills) or any(self.client_armed.values())
             try:
-                job = admin.show_job(job_id)
-                if self.points or self.server_appends or any(k.target == "server" and not k.done for k in self.kills):
+                if eager:
+                    job = admin.show_job(job_id)
+                else:
+                    job, seen = admin.watch_job(job_id, seen, 1.0)
+                if server_dies:
                     self._note_traffic(admin)  # an incarnation about to die: its counts die with it
             except TransportError:
                 time.sleep(0.05)
@@ -388,7 +398,8 @@ class Simulation:
                 last = text
             if job["state"] in _TERMINAL:
                 return job
-            time.sleep(0.1)  # each look costs the server a query: 10 a second is plenty
+            if eager:
+                time.sleep(0.1)  # each look costs the server a query: 10 a second is plenty
 
     def _stop_all(self) -> None:
         for proc in {id(p): p for p in self.clients.values()}.values():

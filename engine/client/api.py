@@ -156,6 +156,15 @@ class AdminApi:
         answer: dict[str, Any] = self.transport.request("GET", f"/v1/jobs/{_seg(job_id)}").json()
         return answer
 
+    def watch_job(self, job_id: str, seen: str | None, wait: float) -> tuple[dict[str, Any], str | None]:
+        """(job, its ETag) once the job differs from the ``seen`` ETag, or after ``wait`` seconds (long poll)."""
+        query: dict[str, str | float] = {"wait": wait}
+        if seen is not None:
+            query["seen"] = seen
+        resp = self.transport.request("GET", f"/v1/jobs/{_seg(job_id)}", query=query, timeout=wait + 30)
+        tag = resp.headers.get("etag")
+        return resp.json(), tag.strip('"') if tag else None
+
     def job_result(self, job_id: str) -> dict[str, Any]:
         """A job's result (``result`` is null until it finished)."""
         answer: dict[str, Any] = self.transport.request("GET", f"/v1/jobs/{_seg(job_id)}/result").json()

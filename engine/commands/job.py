@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from typing import Any
 
 import orjson
@@ -51,18 +50,21 @@ def _line(job: dict[str, Any]) -> str:
     return f"{job['job_id']:<10} {job['state']:<10} rounds {job.get('rounds', 0):<3} {job['name']}{progress}{extra}"
 
 
-def wait_for(admin: AdminApi, job_id: str, *, interval: float = 0.2, out: Any = sys.stderr) -> dict[str, Any]:
-    """Poll until the job ends, printing progress when it changes; return the job."""
-    last = ""
+def wait_for(admin: AdminApi, job_id: str, *, wait: float = 10.0, out: Any = sys.stderr) -> dict[str, Any]:
+    """Follow the job until it ends, printing progress when it changes; return the job.
+
+    Each look is a long poll that the server answers when the job changed (or after
+    ``wait`` seconds), so progress shows at once and an idle job costs nothing.
+    """
+    last, seen = "", None
     while True:
-        job = admin.show_job(job_id)
+        job, seen = admin.watch_job(job_id, seen, wait)
         text = _line(job)
         if text != last:
             print(text, file=out, flush=True)
             last = text
         if job["state"] in _TERMINAL:
             return job
-        time.sleep(interval)
 
 
 def cmd_job(args: argparse.Namespace) -> int:

@@ -20,10 +20,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from engine.errors import (
     ConcurrencyConflict,
@@ -46,6 +49,8 @@ logger = logging.getLogger(__name__)
 KIND = "job"
 _JOB_ID = re.compile(r"^job-(\d+)$")
 _TERMINAL = ("finished", "failed", "aborted")
+#: machine kinds whose events can change what ``JobService.show`` reports (jobs, workflows, tasks)
+_WATCHED_KINDS = (KIND, "workflow", "task", "client_task")
 
 
 class UnknownJob(UnknownMachine):
@@ -78,6 +83,10 @@ class JobInfo:
                 "reason": self.reason, "result_hash": self.result_hash, "rounds": self.rounds,
                 "current_task": self.current_task}
 
+    def tag(self) -> str:
+        """A short digest of everything ``as_json`` shows: equal tags, nothing to report."""
+        return hashlib.blake2b(orjson.dumps(self.as_json(), option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
+
 
 def _job_number(job_id: str) -> int:
     found = _JOB_ID.match(job_id)
@@ -107,6 +116,11 @@ class JobService:
         for state in ("deploying", *_TERMINAL):
             self.runtime.on_enter(KIND, state, self._job_effect)
         manager.add_site_listener(self._site_changed)
+        #: events set when anything ``show`` reports may have changed (``watch`` waits on them)
+        self._watchers: set[asyncio.Event] = set()
+        for kind in _WATCHED_KINDS:
+            for state in self.runtime.charts.get(kind).states:
+                self.runtime.on_enter(kind, state, self._progress_effect)
 
     # -- effects from the runtime (timer thread or loop) ---------------------------------
 
@@ -129,6 +143,17 @@ class JobService:
 
     def _site_changed(self, site: str, state: str) -> None:
         self._changed.set()
+
+    def _progress_effect(self, _rt: Runtime, _event: StoredEvent, _state: MachineState, _redriven: bool) -> None:
+        """Wake the admins watching a job (an event of a job, its workflow or its tasks was recorded)."""
+        loop = self._loop
+        if not self._watchers or loop is None:
+            return
+        loop.call_soon_threadsafe(self._wake_watchers)
+
+    def _wake_watchers(self) -> None:
+        for event in self._watchers:
+            event.set()
 
     # -- admin API ---------------------------------------------------------------------------
 
@@ -170,6 +195,31 @@ class JobService:
         rounds, current = (self._progress(job_id) if detail else (0, None))
         return JobInfo(job_id, str(spec.get("name", "")), row.state, spec, row.created_us, row.updated_us,
                        sites, reason, digest, rounds, current)
+
+    async def watch(self, job_id: str, seen: str | None, wait: float) -> JobInfo:
+        """``show(job_id)`` once its ``tag()`` differs from ``seen``, or after ``wait`` seconds.
+
+        The long poll behind ``GET /v1/jobs/{id}?wait=&seen=``: a watcher (``fedlog job
+        submit --wait``, ``fedlog simulate``) asks again only when there is something new,
+        instead of making the server rebuild the job's progress from the log ten times a
+        second. Any recorded event of a job, workflow, task or site's share of a task
+        wakes it; ``show`` then decides whether what it reports changed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        woken = asyncio.Event()
+        self._watchers.add(woken)  # before the first look: a change after it still wakes us
+        try:
+            while True:
+                woken.clear()
+                info = self.show(job_id)
+                left = deadline - loop.time()
+                if info.tag() != seen or left <= 0 or info.state in _TERMINAL:
+                    return info
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(woken.wait(), left)
+        finally:
+            self._watchers.discard(woken)
 
     def _progress(self, job_id: str) -> tuple[int, dict[str, Any] | None]:
         rounds = set()

@@ -215,11 +215,19 @@ def _job_id(request: Request) -> str:
 
 
 async def show_job(request: Request) -> Response:
-    """One job with its progress (rounds published, the standing task)."""
+    """One job with its progress (rounds published, the standing task).
+
+    With ``wait`` > 0 it is a long poll: the answer comes when the job's ``ETag``
+    differs from ``seen`` (the one the caller last got), or after ``wait`` seconds.
+    """
+    jobs = _server(request).jobs
+    wait = min(float(request.params["wait"]), MAX_POLL_WAIT_S)
+    seen = request.params.get("seen")
     try:
-        return json_response(_server(request).jobs.show(_job_id(request)).as_json())
+        info = await jobs.watch(_job_id(request), seen, wait) if wait > 0 else jobs.show(_job_id(request))
     except UnknownMachine:
         raise HttpError(404, "unknown_job", f"no job {_job_id(request)!r}") from None
+    return json_response(info.as_json(), headers={"ETag": f'"{info.tag()}"'})
 
 
 async def job_result(request: Request) -> Response:
@@ -289,6 +297,10 @@ def federation_router() -> Router:
         Route("GET", "/v1/jobs", list_jobs, "List jobs", roles=ADMIN_ONLY, response_schema=JOB_LIST_SCHEMA,
               tags=("admin",)),
         Route("GET", "/v1/jobs/{job_id}", show_job, "Show a job and its progress", roles=ADMIN_ONLY,
+              query=(QueryParam("wait", "number", default=0.0, minimum=0, maximum=MAX_POLL_WAIT_S,
+                                description="long poll: answer when the job changed, at the latest after this "
+                                            "many seconds (0: at once)"),
+                     QueryParam("seen", "string", description="the ETag of the last answer: what is not news")),
               response_schema=JOB_SCHEMA, tags=("admin",), errors=(404,)),
         Route("GET", "/v1/jobs/{job_id}/result", job_result, "A finished job's result", roles=ADMIN_ONLY,
               response_schema=RESULT_SCHEMA, tags=("admin",), errors=(404,)),

@@ -138,3 +138,32 @@ def test_a_workflow_that_raises_fails_its_job_with_the_reason(base: AsgiTranspor
     job = admin.submit_job({"workflow": "tests.federation.support:broken_workflow", "executor": EXECUTOR})["job_id"]
     wait_until(lambda: state(admin, job) == "failed")
     assert admin.show_job(job)["reason"].endswith("ValueError: the data set is missing")
+
+
+def test_watching_a_job_answers_as_soon_as_it_changes(base: AsgiTransport, sites: dict[str, SiteApi]) -> None:
+    """``GET /v1/jobs/{id}?wait=&seen=`` is a long poll: nothing new waits, a recorded change answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    admin = AdminApi(base)
+    for api in sites.values():
+        api.heartbeat()
+    job_id = admin.submit_job(fedavg(min_sites=3))["job_id"]
+    wait_until(lambda: admin.show_job(job_id)["current_task"])
+    first, tag = admin.watch_job(job_id, None, 25)  # nothing seen yet: answered at once
+    assert tag is not None and first["current_task"]["results"] == 0
+    same, same_tag = admin.watch_job(job_id, tag, 0.2)  # nothing happened: the same job after the wait
+    assert same_tag == tag and same == first
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        watching = pool.submit(admin.watch_job, job_id, tag, 25)
+        assert serve_once(sites["site-1"])
+        # answered by the result, long before the 25 s wait runs out
+        changed, new_tag = watching.result(timeout=10)
+    assert new_tag != tag and changed["current_task"]["results"] == 1
+    assert admin.watch_job(job_id, "stale", 25)[1] == new_tag  # an ETag that is not the job's: at once
+    for bad in (-1, 31, "soon"):
+        with pytest.raises(RemoteError) as err:
+            base.request("GET", f"/v1/jobs/{job_id}", query={"wait": bad})
+        assert err.value.status == 422
+    with pytest.raises(RemoteError) as err:
+        admin.watch_job("job-99", None, 1)
+    assert err.value.status == 404
