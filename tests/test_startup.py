@@ -43,16 +43,33 @@ def test_a_collector_that_was_off_stays_off() -> None:
         gc.unfreeze()
 
 
-def test_fedlog_processes_give_numpy_one_blas_thread_unless_the_user_chose(monkeypatch) -> None:
-    from engine.cli import one_blas_thread
+def test_fedlog_processes_set_numpy_defaults_unless_the_user_chose(monkeypatch) -> None:
+    """One BLAS thread and no transparent huge pages for numpy, except in a one-site client."""
+    from engine.cli import NUMPY_DEFAULTS, numpy_defaults
 
-    for argv, expected in ((["server", "--db", "x.db"], "1"), (["simulate", "job.json"], "1"),
-                           (["client", "--identity", "a", "--identity", "b"], "1"),
-                           (["client", "--identity=a", "--identity=b"], "1"),
-                           (["client", "--identity", "a"], None)):
-        monkeypatch.delenv("OPENBLAS_NUM_THREADS", raising=False)
-        one_blas_thread(argv)
-        assert os.environ.get("OPENBLAS_NUM_THREADS") == expected, argv
+    for argv, expected in ((["server", "--db", "x.db"], True), (["simulate", "job.json"], True),
+                           (["client", "--identity", "a", "--identity", "b"], True),
+                           (["client", "--identity=a", "--identity=b"], True),
+                           (["client", "--identity", "a"], False)):
+        for name in NUMPY_DEFAULTS:
+            monkeypatch.delenv(name, raising=False)
+        numpy_defaults(argv)
+        for name, value in NUMPY_DEFAULTS.items():
+            assert os.environ.get(name) == (value if expected else None), (argv, name)
     monkeypatch.setenv("OPENBLAS_NUM_THREADS", "4")
-    one_blas_thread(["server"])
-    assert os.environ["OPENBLAS_NUM_THREADS"] == "4"
+    monkeypatch.setenv("NUMPY_MADVISE_HUGEPAGE", "1")
+    numpy_defaults(["server"])
+    assert os.environ["OPENBLAS_NUM_THREADS"] == "4" and os.environ["NUMPY_MADVISE_HUGEPAGE"] == "1"
+
+
+def test_a_server_process_gives_numpy_no_huge_pages() -> None:
+    """The default reaches numpy in a real ``fedlog`` process (it is read once, at numpy's import)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "NUMPY_MADVISE_HUGEPAGE"}
+    code = ("import sys; from engine.cli import numpy_defaults; numpy_defaults(['server']); import numpy; "
+            "core = getattr(numpy, '_core', None) or numpy.core; print(core.multiarray._get_madvise_hugepage())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
