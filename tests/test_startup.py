@@ -72,4 +72,3 @@ def test_a_server_process_gives_numpy_no_huge_pages() -> None:
             "core = getattr(numpy, '_core', None) or numpy.core; print(core.multiarray._get_madvise_hugepage())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-

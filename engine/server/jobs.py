@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,6 +85,7 @@ class JobInfo:
                 "reason": self.reason, "result_hash": self.result_hash, "rounds": self.rounds,
                 "current_task": self.current_task}
 
+    @functools.cached_property
     def tag(self) -> str:
         """A short digest of everything ``as_json`` shows: equal tags, nothing to report."""
         return hashlib.blake2b(orjson.dumps(self.as_json(), option=orjson.OPT_SORT_KEYS), digest_size=8).hexdigest()
@@ -127,8 +130,9 @@ class JobService:
     def _job_effect(self, _rt: Runtime, _event: StoredEvent, _state: MachineState, _redriven: bool) -> None:
         self._poke()
 
-    def _poke(self) -> None:
-        """Wake the scheduler from any thread (timer effects run on the runtime's timer thread)."""
+    def _on_loop(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the service's loop, from any thread (effects run where the event was
+        committed: the loop, a workflow thread, the runtime's timer thread)."""
         loop = self._loop
         if loop is None:
             return
@@ -137,19 +141,21 @@ class JobService:
         except RuntimeError:
             running = None
         if running is loop:
-            self._changed.set()
+            callback()
         else:
-            loop.call_soon_threadsafe(self._changed.set)
+            loop.call_soon_threadsafe(callback)
+
+    def _poke(self) -> None:
+        """Wake the scheduler from any thread."""
+        self._on_loop(self._changed.set)
 
     def _site_changed(self, site: str, state: str) -> None:
         self._changed.set()
 
     def _progress_effect(self, _rt: Runtime, _event: StoredEvent, _state: MachineState, _redriven: bool) -> None:
         """Wake the admins watching a job (an event of a job, its workflow or its tasks was recorded)."""
-        loop = self._loop
-        if not self._watchers or loop is None:
-            return
-        loop.call_soon_threadsafe(self._wake_watchers)
+        if self._watchers:
+            self._on_loop(self._wake_watchers)
 
     def _wake_watchers(self) -> None:
         for event in self._watchers:
@@ -197,7 +203,7 @@ class JobService:
                        sites, reason, digest, rounds, current)
 
     async def watch(self, job_id: str, seen: str | None, wait: float) -> JobInfo:
-        """``show(job_id)`` once its ``tag()`` differs from ``seen``, or after ``wait`` seconds.
+        """``show(job_id)`` once its ``tag`` differs from ``seen``, or after ``wait`` seconds.
 
         The long poll behind ``GET /v1/jobs/{id}?wait=&seen=``: a watcher (``fedlog job
         submit --wait``, ``fedlog simulate``) asks again only when there is something new,
@@ -214,7 +220,7 @@ class JobService:
                 woken.clear()
                 info = self.show(job_id)
                 left = deadline - loop.time()
-                if info.tag() != seen or left <= 0 or info.state in _TERMINAL:
+                if info.tag != seen or left <= 0 or info.state in _TERMINAL:
                     return info
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(woken.wait(), left)

@@ -227,7 +227,7 @@ async def show_job(request: Request) -> Response:
         info = await jobs.watch(_job_id(request), seen, wait) if wait > 0 else jobs.show(_job_id(request))
     except UnknownMachine:
         raise HttpError(404, "unknown_job", f"no job {_job_id(request)!r}") from None
-    return json_response(info.as_json(), headers={"ETag": f'"{info.tag()}"'})
+    return json_response(info.as_json(), headers={"ETag": f'"{info.tag}"'})
 
 
 async def job_result(request: Request) -> Response:
