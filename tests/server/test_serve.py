@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import threading
+import time
 from importlib.util import find_spec
 from pathlib import Path
 
@@ -161,3 +163,43 @@ def test_tls_in_a_thread_and_no_tls_override(tmp_path: Path) -> None:
             assert client.request("GET", "/v1/whoami").json()["name"] == "site-1"
     finally:
         proc.stop()
+
+
+def test_a_stopping_server_finishes_the_request_in_progress_and_closes_idle_connections(
+        sample: tuple[App, SampleState], federation: Federation) -> None:
+    """Stopping is graceful: no new connections, idle keep-alive ones closed, a request whose
+    body is still arriving is served to the end, and only then does the server exit."""
+    app, state = sample
+    server = ServerThread(app).start()
+    idle = HttpTransport(server.url, federation.tokens["site-2"])
+    busy = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    stopper = threading.Thread(target=server.stop)
+    try:
+        assert idle.request("GET", "/v1/whoami").json()["name"] == "site-2"  # now an idle keep-alive connection
+        body = os.urandom(4096)
+        busy.sendall(f"POST /v1/blobs/b/stream HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {federation.tokens['site-1']}"
+                     f"\r\nContent-Type: application/octet-stream\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                     + body[:1000])
+        while server.connections < 2:  # the server has both connections before it is told to stop
+            time.sleep(0.001)
+        stopper.start()
+        while not refused(server.port):  # stopping: it accepts no new connection
+            time.sleep(0.001)
+        while server.connections > 1:  # the idle connection is closed; the busy one is not
+            time.sleep(0.001)
+        assert stopper.is_alive()
+        busy.sendall(body[1000:])
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.endswith(b"}"):
+            piece = busy.recv(65536)
+            assert piece, f"the connection closed before the response was complete: {answer!r}"
+            answer += piece
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b'"size":4096' in answer.replace(b" ", b"")
+        stopper.join(10)
+        assert not stopper.is_alive()
+        assert state.handled["stream_blob"] == 1
+    finally:
+        busy.close()
+        idle.close()
+        server.stop()
