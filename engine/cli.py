@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.errors import EngineError
+from engine.malloc import tune_malloc
 from engine.startup import importing
 
 __all__ = ["main"]
@@ -96,6 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     given = sys.argv[1:] if argv is None else argv
     if argv is None:  # a process of its own (not a call from a test or a program)
         numpy_defaults(given)
+        if given and given[0] == "client":
+            tune_malloc()  # where executors train (see engine/malloc.py)
     _start_warm_child(given)
     with importing():
         parser = build_parser(given)
