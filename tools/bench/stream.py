@@ -4,7 +4,8 @@ Prints one JSON object. The sender is a ``fedlog server`` process whose chunk st
 holds the model (1 MiB tensor-aligned chunks); each receiver is a separate process
 running a ``ReceiveSession``: chunks verified and stored in its own pack store,
 synced and acknowledged in batches in its own SQLite log (durable receipt), 4
-requests in flight over keep-alive HTTP, each fetching ``--batch`` chunks (as a site does).
+requests in flight over keep-alive HTTP, each fetching ``--batch`` chunks (as a site does),
+with the malloc settings of a ``fedlog client`` process (``engine/malloc.py``).
 
 * ``aggregate_gib_s``: 4 x model bytes / the time from the first receiver's session start
   to the last one's end (cold; interpreter start-up excluded, reported separately);
@@ -87,7 +88,10 @@ def _cpu_s(pid: int | None = None) -> float:
 
 
 def receiver_main(url: str, token: str, digest: str, workdir: str, batch: str) -> int:
+    from engine.malloc import tune_malloc
     from engine.startup import importing
+
+    tune_malloc()  # a receiver stands for a site, and ``fedlog client`` processes set these
 
     with importing():  # as ``fedlog client`` imports its stack
         from engine.charts.loader import load_charts
