@@ -145,12 +145,13 @@ class _Server(uvicorn.Server):
             self._on_ready()
 
     async def main_loop(self) -> None:
+        wake = self._wake
+        assert wake is not None  # made in startup
         ticks = 0
         while not await self.on_tick(ticks):
             ticks = (ticks + 1) % 864_000  # on_tick refreshes the Date header every 10 ticks
-            assert self._wake is not None
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), 0.1)
+                await asyncio.wait_for(wake.wait(), 0.1)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         for server in self.servers:
