@@ -38,10 +38,17 @@ from typing import Any
 import numpy as np
 import orjson
 
-from engine.chunks.base import MAX_CHUNK_BYTES, ChunkStore, check_digest, copy_into, hash_bytes
+from engine.chunks.base import (
+    MAX_CHUNK_BYTES,
+    Buffer,
+    ChunkStore,
+    check_digest,
+    copy_into,
+    hash_bytes,
+)
 from engine.errors import ChunkError, ManifestError
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT", "REF_KEY", "Manifest", "Packed", "TensorSpec", "has_tensors",
+__all__ = ["DEFAULT_CHUNK_SIZE", "FORMAT", "REF_KEY", "Filling", "Manifest", "Packed", "TensorSpec", "has_tensors",
            "load", "pack", "ref", "ref_digest", "refs_in", "replace_refs", "store", "unpack"]
 
 FORMAT = "fedlog.tensors/1"
@@ -339,43 +346,75 @@ def _copy_chunk(get_chunk: Callable[[str], bytes | memoryview], digest: str, tar
     return copy_into(target, get_chunk(digest))
 
 
+class Filling:
+    """A payload's tensors, allocated once from its manifest and filled chunk by chunk.
+
+    ``fill`` takes a chunk's verified bytes as they arrive (a receiver copies them from the
+    answer in hand, so they need not be read back from its store); ``finish`` reads the
+    chunks not filled that way (``read_into``: a store's, verified, straight into the
+    tensor's memory) and returns the payload. ``arrays``: numpy arrays instead of torch
+    tensors when numpy has every dtype of the payload (the server aggregates this way
+    without importing torch); otherwise tensors. The bytes, and so the address of a
+    payload packed from them again, are the same.
+    """
+
+    def __init__(self, manifest: Manifest, *, arrays: bool = False) -> None:
+        self.manifest = manifest
+        as_arrays = arrays and all(spec.dtype in _NUMPY for spec in manifest.tensors)
+        self.tensors: list[Any] = []
+        #: digest -> the places its bytes go: (tensor index, the target bytes)
+        self._targets: dict[str, list[tuple[int, Any]]] = {}
+        for i, spec in enumerate(manifest.tensors):
+            tensor, target = _empty_array(spec) if as_arrays else _empty_tensor(i, spec)
+            self.tensors.append(tensor)
+            if spec.nbytes:
+                for digest, offset, length in spec.chunk_lengths():
+                    self._targets.setdefault(digest, []).append((i, target[offset:offset + length]))
+        self._filled: set[str] = set()
+
+    def fill(self, digest: str, data: Buffer) -> None:
+        """Copy a chunk's (verified) bytes to every place the manifest puts them."""
+        for i, target in self._targets.get(digest, ()):
+            self._check(i, digest, copy_into(target, data), len(target))
+        self._filled.add(digest)
+
+    def finish(self, read_into: Callable[[str, Any], int]) -> Any:
+        """Read the chunks ``fill`` was not given; return the payload."""
+        for digest, targets in self._targets.items():
+            if digest not in self._filled:
+                for i, target in targets:
+                    self._check(i, digest, read_into(digest, target), len(target))
+
+        def build(node: Any) -> Any:
+            if isinstance(node, dict):
+                if PLACEHOLDER in node:
+                    return self.tensors[node[PLACEHOLDER]]
+                return {k: build(v) for k, v in node.items()}
+            if isinstance(node, list):
+                return [build(v) for v in node]
+            return node
+
+        return build(self.manifest.skeleton)
+
+    @staticmethod
+    def _check(i: int, digest: str, size: int, length: int) -> None:
+        if size != length:
+            raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {size} bytes, the manifest says {length}")
+
+
 def unpack(manifest: Manifest, get_chunk: Callable[[str], bytes | memoryview] | None = None, *,
            arrays: bool = False, read_into: Callable[[str, Any], int] | None = None) -> Any:
     """Rebuild the payload: allocate each tensor once, fill it chunk by chunk (each checked for length).
 
     The chunks come from ``read_into(digest, target)`` (a store's ``read_into``: verified,
     straight into the tensor's memory) or else from ``get_chunk(digest)`` (their bytes,
-    copied in). ``arrays``: numpy arrays instead of torch tensors when numpy has every
-    dtype of the payload (the server aggregates this way without importing torch);
-    otherwise tensors. The bytes, and so the address of a payload packed from them
-    again, are the same.
+    copied in). ``arrays``: as for ``Filling``.
     """
     if read_into is None:
         if get_chunk is None:
             raise TypeError("unpack needs get_chunk or read_into")
         read_into = functools.partial(_copy_chunk, get_chunk)
-    as_arrays = arrays and all(spec.dtype in _NUMPY for spec in manifest.tensors)
-    tensors: list[Any] = []
-    for i, spec in enumerate(manifest.tensors):
-        tensor, target = _empty_array(spec) if as_arrays else _empty_tensor(i, spec)
-        if spec.nbytes:
-            for digest, offset, length in spec.chunk_lengths():
-                size = read_into(digest, target[offset:offset + length])
-                if size != length:
-                    raise ManifestError(f"tensors[{i}].chunks", f"chunk {digest} has {size} bytes, the "
-                                                               f"manifest says {length}")
-        tensors.append(tensor)
-
-    def build(node: Any) -> Any:
-        if isinstance(node, dict):
-            if PLACEHOLDER in node:
-                return tensors[node[PLACEHOLDER]]
-            return {k: build(v) for k, v in node.items()}
-        if isinstance(node, list):
-            return [build(v) for v in node]
-        return node
-
-    return build(manifest.skeleton)
+    return Filling(manifest, arrays=arrays).finish(read_into)
 
 
 def store(packed: Packed, chunk_store: ChunkStore) -> str:

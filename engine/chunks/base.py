@@ -68,11 +68,13 @@ class ChunkStore(ABC):
         """The addresses among ``digests`` this store does not hold (in the order given, once each)."""
 
     @abstractmethod
-    def put(self, digest: str, data: Buffer, *, verified: bool = False) -> bool:
+    def put(self, digest: str, data: Buffer, *, verified: bool = False, cache: bool = True) -> bool:
         """Store ``data`` under ``digest`` after verifying it; False if it was already held.
 
         ``verified=True``: the caller has just hashed these very bytes (a batch checked whole
-        before any of it is stored), so they are not hashed twice.
+        before any of it is stored), so they are not hashed twice. ``cache=False``: a hint
+        that the caller keeps the bytes only to have them (it used them from memory already),
+        so a store on disk may write them around the page cache.
         Durable only after the next ``sync()`` (acknowledge after syncing).
         """
 

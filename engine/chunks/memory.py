@@ -27,7 +27,7 @@ class MemoryChunkStore(ChunkStore):
                     out.append(d)
         return out
 
-    def put(self, digest: str, data: Buffer, *, verified: bool = False) -> bool:
+    def put(self, digest: str, data: Buffer, *, verified: bool = False, cache: bool = True) -> bool:
         self._check_put(digest, data, verified)
         with self._lock:
             if digest in self._chunks:

@@ -12,14 +12,16 @@ chunks it lacks (have/want) before the result that names them is submitted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from engine.chunks import ChunkStore
+from engine.chunks.base import Buffer
 from engine.client.api import SiteApi
 from engine.errors import ChunkIntegrityError, EngineError
 from engine.machines.runtime import Runtime
 from engine.streams import ReceiveSession, SendSession, StreamReport
-from engine.tensors import Manifest, has_tensors, pack, ref, refs_in, replace_refs, unpack
+from engine.tensors import Filling, Manifest, has_tensors, pack, ref, refs_in, replace_refs, unpack
 from engine.tensors import store as store_packed
 
 __all__ = ["SitePayloads"]
@@ -87,13 +89,21 @@ class SitePayloads:
                 server_side = f"tss:{session}:{digest[:16]}"
                 reported = streaming is not None and server_side in (streaming.get("sessions") or ())
                 entry = float((streaming or {}).get("tensor_send_timeout") or 60.0)
+                # the tensors are filled from the answers as they arrive, so the stored copies are
+                # only for keeping: written around the page cache (see LocalChunkStore)
                 receiver = ReceiveSession(self.runtime, self.store, fetch_counted, f"recv:{session}:{digest[:16]}",
                                           fetch_many=fetch_many_counted, in_flight=self.in_flight,
-                                          entry_timeout=entry,
+                                          entry_timeout=entry, cache=False,
                                           reporter=self._reporter(server_side) if reported else None)
-                manifest, report = receiver.run(digest)
+                filling: list[Filling] = []
+
+                def on_manifest(manifest: Manifest) -> Callable[[str, Buffer], None]:
+                    filling.append(Filling(manifest))
+                    return filling[0].fill
+
+                _, report = receiver.run(digest, on_manifest=on_manifest)
                 self.reports.append(report)
-                return unpack(manifest, read_into=self.store.read_into)
+                return filling[0].finish(self.store.read_into)
             if self.store.missing([digest]):
                 self._download(digest)
             manifest = Manifest.from_bytes(self.store.get(digest))

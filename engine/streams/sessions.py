@@ -200,19 +200,29 @@ class ReceiveSession(_Session):
     kind = "stream_receive"
 
     def __init__(self, runtime: Runtime, store: ChunkStore, fetch: Callable[[str], bytes], session_id: str, *,
-                 peer: str = "server", fetch_many: FetchMany | None = None, **kw: Any) -> None:
+                 peer: str = "server", fetch_many: FetchMany | None = None, cache: bool = True, **kw: Any) -> None:
+        """``cache=False``: the chunks are put with that hint (see ``ChunkStore.put``), for a caller that
+        takes their bytes as they arrive (``run``'s ``on_manifest``) and will not read them back."""
         if fetch_many is not None:
             kw.setdefault("batch", DEFAULT_BATCH)
         super().__init__(runtime, session_id, peer=peer, **kw)
         self.store = store
         self.fetch = fetch
         self.fetch_many = fetch_many
+        self.cache = cache
+        self._on_chunk: Callable[[str, Buffer], None] | None = None
+
+    def _keep(self, digest: str, data: Buffer) -> None:
+        """Store a received chunk (verified there) and hand its bytes on."""
+        self.store.put(digest, data, cache=self.cache)
+        if self._on_chunk is not None:
+            self._on_chunk(digest, data)
 
     def _pull(self, digest: str) -> int:
         for attempt in (1, 2):
             data = self.fetch(digest)
             try:
-                self.store.put(digest, data)
+                self._keep(digest, data)
                 return len(data)
             except ChunkIntegrityError:
                 if attempt == 2:
@@ -225,18 +235,26 @@ class ReceiveSession(_Session):
         moved = 0
         for digest, data in zip(group, self.fetch_many(group), strict=True):
             try:
-                self.store.put(digest, data)
+                self._keep(digest, data)
                 moved += len(data)
             except ChunkIntegrityError:
                 moved += self._pull(digest)  # the bad copy is never used: this one chunk is fetched again
         return moved
 
-    def run(self, manifest_digest: str) -> tuple[Manifest, StreamReport]:
-        """Receive the payload (resuming an unfinished session); return its manifest and the report."""
+    def run(self, manifest_digest: str, on_manifest: Callable[[Manifest], Callable[[str, Buffer], None]] | None = None
+            ) -> tuple[Manifest, StreamReport]:
+        """Receive the payload (resuming an unfinished session); return its manifest and the report.
+
+        ``on_manifest(manifest)``, called once the manifest is known, may return a callable
+        that is given each chunk received (its digest and verified bytes) after it is stored,
+        from the threads that fetch them (a ``tensors.Filling``'s ``fill``).
+        """
         if self.store.missing([manifest_digest]):
             self._pull(manifest_digest)
             self.store.sync()
         manifest = Manifest.from_bytes(self.store.get(manifest_digest))
+        if on_manifest is not None:
+            self._on_chunk = on_manifest(manifest)
         resumed, finished = self._begin(manifest_digest, manifest)
         if finished and not self.store.missing(manifest.chunk_digests()):
             total = len(manifest.chunk_digests())

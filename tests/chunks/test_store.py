@@ -316,3 +316,188 @@ def test_synced_packs_leave_the_page_cache_behind_a_window_and_still_read_back(t
     with LocalChunkStore(tmp_path / "s") as again:
         assert again.missing(chunks) == []
 
+
+
+# -- direct (O_DIRECT) records ---------------------------------------------------------------------
+
+MIXED = [70_000, 300_000, 1 << 20, 5, 1 << 20, 1_000_000, 12_345, 777]  # buffered and direct, in turn
+
+
+def mixed_chunks(seed: int = 0) -> list[tuple[str, bytes]]:
+    return [(hash_bytes(d), d) for d in (bytes([(seed + n) % 256]) * size for n, size in enumerate(MIXED))]
+
+
+def record_starts(store: LocalChunkStore) -> dict[str, int]:
+    with store._lock:
+        rows = store._db.execute("SELECT digest, offset FROM chunks").fetchall()
+    return {d: off - 40 for d, off in rows}  # the index names the bytes; the 40-byte header precedes them
+
+
+def test_large_uncached_chunks_are_written_around_the_page_cache_on_aligned_records(tmp_path: Path) -> None:
+    from engine.chunks import local
+
+    store = LocalChunkStore(tmp_path / "c")
+    kept = (hash_bytes(b"k" * (1 << 20)), b"k" * (1 << 20))
+    store.put(hash_bytes(b"x" * 13), b"x" * 13)
+    store.put(*kept)  # cache=True (the default): through the page cache, packed tight
+    assert record_starts(store)[kept[0]] == 53
+    assert store._dfd >= 0, "this filesystem refused O_DIRECT; the test needs one that takes it"
+    chunks = mixed_chunks()
+    for d, data in chunks:
+        store.put(d, data, cache=False)
+    starts = record_starts(store)
+    direct = [d for d, data in chunks if len(data) >= local.DIRECT_MIN]
+    assert direct and all(starts[d] % local.DIRECT_ALIGN == 0 for d in direct)
+    # a small chunk right after a direct record still starts on its boundary; one after a small chunk does not
+    assert starts[chunks[-2][0]] % local.DIRECT_ALIGN == 0 and starts[chunks[-1][0]] % local.DIRECT_ALIGN != 0
+    assert all(store.get(d) == data for d, data in chunks)
+    store.close()
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.recovered == 0 and all(again.get(d) == data for d, data in chunks)
+        fresh = hash_bytes(b"z" * (1 << 20))
+        again.put(fresh, b"z" * (1 << 20), cache=False)  # after a reopen, at the next boundary again
+        assert record_starts(again)[fresh] % local.DIRECT_ALIGN == 0 and again.get(fresh) == b"z" * (1 << 20)
+
+
+def test_a_filesystem_without_direct_io_gets_page_cache_writes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_open = os.open
+
+    def no_direct(path: object, flags: int, *args: object) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")  # as tmpfs answers
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", no_direct)
+    store = LocalChunkStore(tmp_path / "c")
+    chunks = mixed_chunks()
+    for d, data in chunks:
+        store.put(d, data, cache=False)
+    starts = record_starts(store)
+    assert sorted(starts.values()) == [sum(40 + s for s in MIXED[:n]) for n in range(len(MIXED))]  # packed tight
+    assert all(store.get(d) == data for d, data in chunks)
+    store.close()
+
+
+MIXED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_store import mixed_chunks
+from engine.chunks import LocalChunkStore
+store = LocalChunkStore(sys.argv[1])
+for n, (d, data) in enumerate(mixed_chunks(0) + mixed_chunks(100)):
+    store.put(d, data, cache=False)
+    if n == 3:
+        store.sync()
+print("written", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_unsynced_direct_records_and_their_padding_survive_a_kill(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", MIXED_WRITER, str(tmp_path / "c"), str(Path(__file__).parent)],
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL and b"written" in proc.stdout, proc.stderr
+    chunks = mixed_chunks(0) + mixed_chunks(100)
+    store = LocalChunkStore(tmp_path / "c")
+    assert store.recovered == len(chunks) - 4  # every record after the sync, across the zero padding
+    assert store.missing([d for d, _ in chunks]) == []
+    assert all(store.get(d) == data for d, data in chunks)
+    store.close()
+
+
+def test_a_torn_direct_record_is_cut_at_its_boundary(tmp_path: Path) -> None:
+    from engine.chunks import local
+
+    store = LocalChunkStore(tmp_path / "c")
+    small, big = (hash_bytes(b"s" * 100), b"s" * 100), (hash_bytes(b"b" * (1 << 20)), b"b" * (1 << 20))
+    store.put(*small)
+    store.sync()
+    store.close()
+    pack = next((tmp_path / "c" / "packs").glob("*.pack"))
+    boundary = local.DIRECT_ALIGN
+    with open(pack, "ab") as fh:  # the padding, then a direct record the crash cut short
+        fh.write(bytes(boundary - 140))
+        fh.write(b"FLC1" + (1 << 20).to_bytes(4, "little") + bytes.fromhex(big[0]) + big[1][:5000])
+    reopened = LocalChunkStore(tmp_path / "c")
+    assert reopened.recovered == 0 and pack.stat().st_size == boundary  # cut where the torn record began
+    assert reopened.get(small[0]) == small[1] and reopened.missing([big[0]]) == [big[0]]
+    assert reopened.put(*big, cache=False) and reopened.get(big[0]) == big[1]
+    reopened.close()
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.get(big[0]) == big[1]
+
+
+def test_padding_that_is_not_zeros_ends_the_tail_scan(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c")
+    store.put(hash_bytes(b"s" * 100), b"s" * 100)
+    store.sync()
+    store.close()
+    pack = next((tmp_path / "c" / "packs").glob("*.pack"))
+    big = b"b" * (1 << 20)
+    with open(pack, "ab") as fh:  # "padding" with a stray byte in it, then an intact record on the boundary
+        fh.write(bytes(100) + b"\x01" + bytes(4096 - 140 - 101))
+        fh.write(b"FLC1" + len(big).to_bytes(4, "little") + bytes.fromhex(hash_bytes(big)) + big)
+    reopened = LocalChunkStore(tmp_path / "c")
+    assert reopened.recovered == 0 and pack.stat().st_size == 140
+    reopened.close()
+
+
+def test_direct_writers_write_side_by_side_without_overlapping(tmp_path: Path) -> None:
+    import threading
+
+    store = LocalChunkStore(tmp_path / "c", pack_limit=12 << 20)  # rolls to new packs while they write
+    shared = (hash_bytes(b"s" * (1 << 20)), b"s" * (1 << 20))
+    per_thread = [[(hash_bytes(d), d) for d in (bytes([t, n]) * (1 << 19) for n in range(6))] for t in range(8)]
+    fresh: list[bool] = []
+
+    def writer(chunks: list[tuple[str, bytes]]) -> None:
+        fresh.append(store.put(*shared, cache=False))
+        for d, data in chunks:
+            assert store.put(d, data, cache=False)
+
+    threads = [threading.Thread(target=writer, args=(c,)) for c in per_thread]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(fresh) == [False] * 7 + [True]  # the shared chunk was written once
+    with store._lock:
+        rows = store._db.execute("SELECT pack, offset, length FROM chunks ORDER BY pack, offset").fetchall()
+    for (pack, off, n), (pack2, off2, _) in zip(rows, rows[1:], strict=False):
+        assert pack != pack2 or off + n + 40 <= off2, "two records overlap"
+    everything = [shared] + [c for chunks in per_thread for c in chunks]
+    assert all(store.get(d) == data for d, data in everything)
+    store.close()
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.recovered == 0 and all(again.get(d) == data for d, data in everything)
+
+
+def test_a_sync_waits_for_the_direct_writes_in_flight(tmp_path: Path) -> None:
+    import threading
+
+    store = LocalChunkStore(tmp_path / "c")
+    entered, release = threading.Event(), threading.Event()
+    real = store._write_direct
+
+    def held(*args: object) -> object:
+        entered.set()
+        assert release.wait(10)
+        return real(*args)  # type: ignore[arg-type]
+
+    store._write_direct = held  # type: ignore[method-assign]
+    big = (hash_bytes(b"b" * (1 << 20)), b"b" * (1 << 20))
+    putter = threading.Thread(target=store.put, args=big, kwargs={"cache": False})
+    putter.start()
+    assert entered.wait(10)
+    syncer = threading.Thread(target=store.sync)
+    syncer.start()
+    syncer.join(timeout=0.3)
+    assert syncer.is_alive(), "the sync committed while a write was in flight"
+    release.set()
+    putter.join()
+    syncer.join()
+    store.close()
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.recovered == 0 and again.get(big[0]) == big[1]  # indexed by the sync, not found by the scan

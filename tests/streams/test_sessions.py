@@ -231,3 +231,68 @@ def test_a_failed_session_is_followed_by_a_new_attempt_not_an_endless_error(
     assert report.session_id == receiver.session_id == "recv:f~2" and report.chunks_wanted == 20
     assert runtime.get("recv:f").state == "failed" and runtime.get("recv:f~2").state == "completed"
     assert load(sink, digest).keys() == load(source, digest).keys()
+
+
+def test_a_resumed_receive_fills_the_tensors_from_the_answers_and_reads_back_only_what_it_held(
+        charts: ChartRegistry, clock: ManualClock) -> None:
+    """How a site takes task data: a ``Filling`` gets each chunk as it arrives; only the chunks
+    held before this run (acked before a cut) are read from the store."""
+    from engine.tensors import Filling, Manifest
+
+    runtime, source, sink, digest = setup(charts, clock)
+    count = 0
+
+    def dies_after_ten(d: str) -> bytes:
+        nonlocal count
+        count += 1
+        if count > 11:
+            raise Died()
+        return source.get(d)
+
+    with pytest.raises(Died):
+        ReceiveSession(runtime, sink, dies_after_ten, "recv:f", in_flight=1, ack_every=4).run(digest)
+    held_before = set(sink.digests())
+    read_back: list[str] = []
+    real_read_into = sink.read_into
+
+    def read_into(d: str, target: Any) -> int:
+        read_back.append(d)
+        return real_read_into(d, target)
+
+    fillings: list[Filling] = []
+
+    def on_manifest(manifest: Manifest) -> Any:
+        fillings.append(Filling(manifest))
+        return fillings[0].fill
+
+    put_hints: list[bool] = []
+    real_put = sink.put
+
+    def put(d: str, data: Any, **kw: Any) -> bool:
+        put_hints.append(kw.get("cache", True))
+        return real_put(d, data, **kw)
+
+    sink.put = put  # type: ignore[method-assign]
+    receiver = ReceiveSession(runtime, sink, source.get, "recv:f", in_flight=2, ack_every=4, cache=False)
+    _, report = receiver.run(digest, on_manifest=on_manifest)
+    model = fillings[0].finish(read_into)
+    assert report.resumed and report.chunks_wanted == 10 and put_hints == [False] * 10
+    assert read_back and set(read_back) <= held_before and len(set(read_back)) == 10  # the other 10 came filled
+    expected = load(source, digest)
+    assert model.keys() == expected.keys() and all(torch.equal(model[k], expected[k]) for k in expected)
+
+
+def test_a_filling_puts_a_repeated_chunk_in_every_place_and_checks_lengths() -> None:
+    from engine.errors import ManifestError
+    from engine.tensors import Filling
+
+    same = torch.arange(2048, dtype=torch.float32)
+    packed = pack({"a": same, "b": same.clone(), "c": torch.zeros(3)}, chunk_size=4096)
+    filling = Filling(packed.manifest)
+    for d, data in packed.chunks.items():
+        filling.fill(d, data)
+    out = filling.finish(lambda d, target: pytest.fail(f"read {d} back"))  # type: ignore[arg-type, return-value]
+    assert torch.equal(out["a"], same) and torch.equal(out["b"], same) and torch.equal(out["c"], torch.zeros(3))
+    digest = next(iter(packed.chunks))
+    with pytest.raises(ManifestError, match="has 5 bytes"):
+        Filling(packed.manifest).fill(digest, b"12345")

@@ -130,9 +130,10 @@ def receiver_main(url: str, token: str, digest: str, workdir: str, batch: str) -
     started = time.time()
     t0 = time.perf_counter()
     cpu0 = _cpu_s()
+    # as a site receives task data: its tensors are filled from the answers, the stored copies only kept
     session = ReceiveSession(runtime, chunks, fetch, f"recv:bench:{digest[:16]}", in_flight=IN_FLIGHT, ack_every=32,
                              progress=progress, fetch_many=fetch_many if int(batch) > 1 else None,
-                             batch=int(batch))
+                             batch=int(batch), cache=False)
     _, report = session.run(digest)
     wall = time.perf_counter() - t0
     cpu = _cpu_s() - cpu0
