@@ -8,6 +8,7 @@ Errors are the transport's: ``TransportError`` when no answer came, ``RemoteErro
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -30,15 +31,18 @@ def transport_for(identity_dir: str | Path, server_url: str | None = None, *, ti
                          timeout=timeout), ident.name
 
 
-def get_chunks(transport: Transport, digests: list[str]) -> list[memoryview]:
+def get_chunks(transport: Transport, digests: list[str], into: Callable[[int], memoryview] | None = None
+               ) -> list[memoryview]:
     """``POST /v1/chunks/fetch``: the chunks' bytes, in order (views into the answers' bodies).
 
     The server may answer with fewer chunks than asked (it caps an answer's bytes); the rest
-    is asked for again, so the caller always gets every chunk or an error.
+    is asked for again, so the caller always gets every chunk or an error. ``into``: where
+    the answers are read (see ``Transport.request``).
     """
     out: list[memoryview] = []
+    extra: dict[str, Any] = {"into": into} if into is not None else {}
     while len(out) < len(digests):
-        resp = transport.request("POST", "/v1/chunks/fetch", json={"digests": digests[len(out):]})
+        resp = transport.request("POST", "/v1/chunks/fetch", json={"digests": digests[len(out):]}, **extra)
         lengths = _lengths(resp.headers.get(LENGTHS_HEADER.lower(), ""), len(resp.body))
         if not lengths or len(out) + len(lengths) > len(digests):
             raise TransportError("POST", "/v1/chunks/fetch", f"the answer's {LENGTHS_HEADER} header names "
@@ -115,11 +119,11 @@ class SiteApi:
 
     def get_chunk(self, digest: str) -> bytes:
         """Download one chunk granted to this site."""
-        return self.transport.request("GET", f"/v1/chunks/{digest}").body
+        return bytes(self.transport.request("GET", f"/v1/chunks/{digest}").body)  # read whole: bytes already
 
-    def get_chunks(self, digests: list[str]) -> list[memoryview]:
+    def get_chunks(self, digests: list[str], into: Callable[[int], memoryview] | None = None) -> list[memoryview]:
         """Download several chunks granted to this site, in one request per answer the server gives."""
-        return get_chunks(self.transport, digests)
+        return get_chunks(self.transport, digests, into)
 
     def put_chunks(self, chunks: list[tuple[str, Buffer]]) -> None:
         """Upload several chunks in one request (the server verifies all before storing any)."""

@@ -79,8 +79,8 @@ class SitePayloads:
             self.bytes_in += len(data)
             return data
 
-        def fetch_many_counted(digests: list[str]) -> list[memoryview]:
-            datas = self.api.get_chunks(digests)
+        def fetch_many_counted(digests: list[str], into: Callable[[int], memoryview] | None = None) -> list[memoryview]:
+            datas = self.api.get_chunks(digests, into)
             self.bytes_in += sum(len(d) for d in datas)
             return datas
 

@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import CancelledError as FutureCancelled
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -62,7 +62,8 @@ class TransportResponse:
 
     status: int
     headers: Mapping[str, str]
-    body: bytes
+    #: the bytes; a view of the caller's buffer when the request gave ``into``
+    body: bytes | memoryview
 
     def json(self) -> Any:
         """The body parsed as JSON."""
@@ -82,8 +83,13 @@ class Transport(Protocol):
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
+        into: Callable[[int], memoryview] | None = None,
     ) -> TransportResponse:
-        """Send ``method path`` with a JSON document or raw bytes (or pieces of them); raise on an error status."""
+        """Send ``method path`` with a JSON document or raw bytes (or pieces of them); raise on an error status.
+
+        ``into(n)``: a writable buffer of ``n`` bytes for a successful answer's body of ``n``
+        bytes, which the body is then read into (a hint: a transport may return bytes).
+        """
         ...
 
     def close(self) -> None:
@@ -218,6 +224,7 @@ class HttpTransport:
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
+        into: Callable[[int], memoryview] | None = None,
     ) -> TransportResponse:
         """Send one request and return the complete response (see the module docstring)."""
         method = method.upper()
@@ -227,14 +234,14 @@ class HttpTransport:
         wait = self._timeout if timeout is None else timeout
         conn, reused = self._connection(wait)
         try:
-            status, rheaders, data = self._exchange(conn, method, target, payload, hdrs)
+            status, rheaders, data = self._exchange(conn, method, target, payload, hdrs, into)
         except _STALE as exc:
             self._drop(conn)
             if not (reused and method in IDEMPOTENT):
                 raise TransportError(method, url, f"connection lost ({exc.__class__.__name__})",
                                      maybe_processed=method not in IDEMPOTENT) from None
             conn, _ = self._connection(wait)
-            status, rheaders, data = self._guarded(conn, method, url, target, payload, hdrs)
+            status, rheaders, data = self._guarded(conn, method, url, target, payload, hdrs, into)
         except OSError as exc:
             self._drop(conn)
             raise _os_error(method, url, exc) from None
@@ -242,13 +249,14 @@ class HttpTransport:
             self._drop(conn)
             raise TransportError(method, url, f"bad HTTP response: {exc!r}", maybe_processed=True) from None
         if status >= 400:
-            raise error_from_response(method, url, status, rheaders, data)
+            raise error_from_response(method, url, status, rheaders, bytes(data))  # read whole: never ``into``
         return TransportResponse(status, rheaders, data)
 
     def _guarded(self, conn: http.client.HTTPConnection, method: str, url: str, target: str,
-                 payload: Body | Pieces | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+                 payload: Body | Pieces | None, hdrs: dict[str, str], into: Callable[[int], memoryview] | None
+                 ) -> tuple[int, dict[str, str], bytes | memoryview]:
         try:
-            return self._exchange(conn, method, target, payload, hdrs)
+            return self._exchange(conn, method, target, payload, hdrs, into)
         except (OSError, http.client.HTTPException) as exc:
             self._drop(conn)
             if isinstance(exc, OSError) and not isinstance(exc, _STALE):
@@ -256,14 +264,19 @@ class HttpTransport:
             raise TransportError(method, url, f"connection lost again ({exc.__class__.__name__})",
                                  maybe_processed=method not in IDEMPOTENT) from None
 
-    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str,
-                  payload: Body | Pieces | None, hdrs: dict[str, str]) -> tuple[int, dict[str, str], bytes]:
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, target: str, payload: Body | Pieces | None,
+                  hdrs: dict[str, str], into: Callable[[int], memoryview] | None = None
+                  ) -> tuple[int, dict[str, str], bytes | memoryview]:
         if payload is not None and len(payload) > _SEPARATE_BODY and isinstance(payload, bytes):
             # a memoryview is written after the head instead of being appended to it (a copy)
             payload = memoryview(payload)
         conn.request(method, target, body=payload, headers=hdrs)
         resp = conn.getresponse()
-        data = resp.read()
+        data: bytes | memoryview
+        if into is not None and resp.status < 300 and resp.length:
+            data = _read_into(resp, into(resp.length))
+        else:
+            data = resp.read()
         headers = {k.lower(): v for k, v in resp.getheaders()}
         if resp.will_close:
             self._drop(conn)
@@ -282,6 +295,18 @@ class HttpTransport:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _read_into(resp: http.client.HTTPResponse, view: memoryview) -> memoryview:
+    """Read the whole body (its length known) into ``view``; the filled view."""
+    size = resp.length or 0
+    got = 0
+    while got < size:
+        n = resp.readinto(view[got:size])
+        if not n:
+            raise http.client.IncompleteRead(bytes(view[:got]), size - got)
+        got += n
+    return view[:size]
 
 
 def _peer_closed(sock: socket.socket) -> bool:
@@ -356,8 +381,9 @@ class AsgiTransport:
         headers: Mapping[str, str] | None = None,
         query: Mapping[str, str | int | float | bool] | None = None,
         timeout: float | None = None,
+        into: Callable[[int], memoryview] | None = None,
     ) -> TransportResponse:
-        """Call the app with one request; same contract as ``HttpTransport.request``."""
+        """Call the app with one request; same contract as ``HttpTransport.request`` (``into`` unused)."""
         method = method.upper()
         payload, hdrs = _prepare(self._token, json, body, headers)
         target = _target("", path, query)

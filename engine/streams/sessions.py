@@ -23,6 +23,7 @@ copy is never used and is requested again once.
 
 from __future__ import annotations
 
+import mmap
 import threading
 import time
 from collections.abc import Callable
@@ -43,7 +44,9 @@ _OPEN_STATES = ("manifest_offered", "want_known", "transferring")
 #: chunks per request when the peer takes several at once (1 MiB chunks: 8 MiB a request)
 DEFAULT_BATCH = 8
 #: fetch several chunks in one request: their bytes in the order asked
-FetchMany = Callable[[list[str]], list[Any]]
+#: ``fetch_many(digests)``, or ``fetch_many(digests, into=arena)`` for a ``cache=False`` receiver
+#: (``into(n)`` gives a writable buffer to read an answer of ``n`` bytes into: see ``Transport.request``)
+FetchMany = Callable[..., list[Any]]
 #: upload several (digest, bytes) in one request
 PutMany = Callable[[list[tuple[str, Any]]], None]
 #: progress callback: (chunks done, chunks wanted, bytes done)
@@ -194,6 +197,30 @@ class _Session:
         return StreamReport(self.session_id, manifest_digest, total, len(wanted), moved, resumed, total - len(wanted))
 
 
+class _Arena:
+    """Page-aligned buffers that one group's answers are read into, reused group after group.
+
+    A chunk read into one lies on a page boundary (chunks are whole MiB), so a store can
+    write it around the page cache from where it is; reused, its pages stay the process's
+    own instead of being found afresh for every answer.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: list[mmap.mmap] = []
+        self._next = 0
+
+    def __call__(self, size: int) -> memoryview:
+        if self._next == len(self._buffers):
+            self._buffers.append(mmap.mmap(-1, max(size, 1)))
+        elif len(self._buffers[self._next]) < size:
+            self._buffers[self._next] = mmap.mmap(-1, size)  # the old one goes once no view of it is left
+        self._next += 1
+        return memoryview(self._buffers[self._next - 1])[:size]
+
+    def reset(self) -> None:
+        self._next = 0
+
+
 class ReceiveSession(_Session):
     """Pull a payload's chunks from ``fetch`` into ``store``, recording a ``stream_receive`` machine."""
 
@@ -202,7 +229,8 @@ class ReceiveSession(_Session):
     def __init__(self, runtime: Runtime, store: ChunkStore, fetch: Callable[[str], bytes], session_id: str, *,
                  peer: str = "server", fetch_many: FetchMany | None = None, cache: bool = True, **kw: Any) -> None:
         """``cache=False``: the chunks are put with that hint (see ``ChunkStore.put``), for a caller that
-        takes their bytes as they arrive (``run``'s ``on_manifest``) and will not read them back."""
+        takes their bytes as they arrive (``run``'s ``on_manifest``) and will not read them back;
+        ``fetch_many`` is then given ``into``, page-aligned buffers reused for the answers."""
         if fetch_many is not None:
             kw.setdefault("batch", DEFAULT_BATCH)
         super().__init__(runtime, session_id, peer=peer, **kw)
@@ -211,6 +239,8 @@ class ReceiveSession(_Session):
         self.fetch_many = fetch_many
         self.cache = cache
         self._on_chunk: Callable[[str, Buffer], None] | None = None
+        self._arenas: list[_Arena] = []
+        self._arenas_lock = threading.Lock()
 
     def _keep(self, digest: str, data: Buffer) -> None:
         """Store a received chunk (verified there) and hand its bytes on."""
@@ -232,8 +262,20 @@ class ReceiveSession(_Session):
     def _pull_group(self, group: list[str]) -> int:
         if self.fetch_many is None or len(group) == 1:
             return sum(self._pull(d) for d in group)
+        if self.cache:
+            return self._keep_group(group, self.fetch_many(group))
+        with self._arenas_lock:
+            arena = self._arenas.pop() if self._arenas else _Arena()
+        try:
+            return self._keep_group(group, self.fetch_many(group, into=arena))
+        finally:  # every chunk of the group is stored (or failed) and handed on: its buffers are free again
+            arena.reset()
+            with self._arenas_lock:
+                self._arenas.append(arena)
+
+    def _keep_group(self, group: list[str], datas: list[Any]) -> int:
         moved = 0
-        for digest, data in zip(group, self.fetch_many(group), strict=True):
+        for digest, data in zip(group, datas, strict=True):
             try:
                 self._keep(digest, data)
                 moved += len(data)

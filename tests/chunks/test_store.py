@@ -8,6 +8,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -351,7 +352,11 @@ def test_large_uncached_chunks_are_written_around_the_page_cache_on_aligned_reco
     # a small chunk right after a direct record still starts on its boundary; one after a small chunk does not
     assert starts[chunks[-2][0]] % local.DIRECT_ALIGN == 0 and starts[chunks[-1][0]] % local.DIRECT_ALIGN != 0
     assert all(store.get(d) == data for d, data in chunks)
+    pack = tmp_path / "c" / "packs" / "pack-000001.pack"
+    end = max(off + 40 + len(data) for (d, data), off in ((c, starts[c[0]]) for c in chunks))
+    assert pack.stat().st_size > end  # extended ahead of the direct writes
     store.close()
+    assert pack.stat().st_size == end  # and cut back to the last record when closed
     with LocalChunkStore(tmp_path / "c") as again:
         assert again.recovered == 0 and all(again.get(d) == data for d, data in chunks)
         fresh = hash_bytes(b"z" * (1 << 20))
@@ -400,8 +405,11 @@ def test_unsynced_direct_records_and_their_padding_survive_a_kill(tmp_path: Path
                           capture_output=True)
     assert proc.returncode == -signal.SIGKILL and b"written" in proc.stdout, proc.stderr
     chunks = mixed_chunks(0) + mixed_chunks(100)
+    pack = tmp_path / "c" / "packs" / "pack-000001.pack"
+    extended = pack.stat().st_size
     store = LocalChunkStore(tmp_path / "c")
     assert store.recovered == len(chunks) - 4  # every record after the sync, across the zero padding
+    assert pack.stat().st_size < extended  # the zeros the killed writer had allocated ahead are cut
     assert store.missing([d for d, _ in chunks]) == []
     assert all(store.get(d) == data for d, data in chunks)
     store.close()
@@ -501,3 +509,68 @@ def test_a_sync_waits_for_the_direct_writes_in_flight(tmp_path: Path) -> None:
     store.close()
     with LocalChunkStore(tmp_path / "c") as again:
         assert again.recovered == 0 and again.get(big[0]) == big[1]  # indexed by the sync, not found by the scan
+
+
+def aligned_copy(data: bytes) -> memoryview:
+    """``data`` in a page-aligned writable buffer (as a receiver reads its answers)."""
+    import mmap
+
+    buf = mmap.mmap(-1, max(len(data), 1))
+    buf[:len(data)] = data
+    return memoryview(buf)[:len(data)]
+
+
+BLOCKED_WRITER = """
+import os, signal, sys
+sys.path.insert(0, sys.argv[2])
+from test_store import aligned_copy, mixed_chunks
+from engine.chunks import LocalChunkStore
+store = LocalChunkStore(sys.argv[1])
+for n, (d, data) in enumerate(mixed_chunks(7)):
+    store.put(d, aligned_copy(data), cache=False)
+    if n == 1:
+        store.sync()
+print("written", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_aligned_bytes_get_block_headed_records_written_from_where_they_are(tmp_path: Path) -> None:
+    from engine.chunks import local
+
+    store = LocalChunkStore(tmp_path / "c")
+    big = b"q" * (1 << 20)
+    digest = hash_bytes(big)
+    staged: list[int] = []
+    real = store._write_direct
+
+    def spy(fds: Any, start: int, end: int, d: str, data: Any, staging: Any, blocked: bool) -> Any:
+        staged.append(blocked)
+        return real(fds, start, end, d, data, staging, blocked)
+
+    store._write_direct = spy  # type: ignore[method-assign]
+    store.put(digest, aligned_copy(big), cache=False)
+    store.put(hash_bytes(b"r" * (1 << 20)), b"r" * (1 << 20), cache=False)  # bytes: not checked, staged
+    odd = aligned_copy(b"t" * 300_001)  # aligned, but not whole blocks: staged
+    store.put(hash_bytes(odd), odd, cache=False)
+    assert staged == [True, False, False]
+    start = record_starts(store)[digest] + 40 - local.DIRECT_ALIGN  # the bytes follow a whole header block
+    assert start % local.DIRECT_ALIGN == 0 and store.get(digest) == big
+    store.close()
+    pack = next((tmp_path / "c" / "packs").glob("*.pack"))
+    with open(pack, "rb") as fh:
+        fh.seek(start)
+        assert fh.read(4) == b"FLC2"
+    with LocalChunkStore(tmp_path / "c") as again:
+        assert again.get(digest) == big and again.get(hash_bytes(odd)) == bytes(odd)
+
+
+def test_unsynced_block_headed_records_survive_a_kill(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-c", BLOCKED_WRITER, str(tmp_path / "c"), str(Path(__file__).parent)],
+                          capture_output=True)
+    assert proc.returncode == -signal.SIGKILL and b"written" in proc.stdout, proc.stderr
+    chunks = mixed_chunks(7)
+    store = LocalChunkStore(tmp_path / "c")
+    assert store.recovered == len(chunks) - 2
+    assert all(store.get(d) == data for d, data in chunks)
+    store.close()

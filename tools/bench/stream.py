@@ -117,9 +117,9 @@ def receiver_main(url: str, token: str, digest: str, workdir: str, batch: str) -
             fetched += len(data)
         return data
 
-    def fetch_many(ds: list[str]) -> list[memoryview]:
+    def fetch_many(ds: list[str], into: Any = None) -> list[memoryview]:
         nonlocal fetched
-        datas = get_chunks(transport, ds)
+        datas = get_chunks(transport, ds, into)
         with lock:
             fetched += sum(len(d) for d in datas)
         return datas
