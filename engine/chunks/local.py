@@ -2,7 +2,9 @@
 
 Layout of a store directory::
 
-    packs/pack-000001.pack   records: b"FLC1", u32 length, 32-byte digest, the bytes
+    packs/pack-000001.pack   records: b"FLC1", u32 length, 32-byte digest, the bytes;
+                             or, block-headed, b"FLC2", u32 length, 32-byte digest, zeros to
+                             the next 4 KiB, the bytes; zeros pad up to a direct record
     index.db                 SQLite: chunks(digest, pack, offset, length)
     LOCK                     held (flock) by the one process using the store
 
@@ -23,24 +25,25 @@ arrive and the fsync at the acknowledgement finds little left to do (4 receivers
 
 Chunks put with ``cache=False`` (a receiver that filled its tensors from the bytes in
 hand and keeps them only to have them) of at least ``DIRECT_MIN`` bytes are written
-around the page cache (``O_DIRECT``), each record starting on a ``DIRECT_ALIGN``
-boundary: the bytes go from a reused, page-aligned staging buffer straight to the disk.
-A buffered write copies every byte into page-cache pages the kernel must first find; on
-virtual machines that hand idle memory back to the host, those pages are fresh host
-memory, faulted in page by page, and the copy then cost ~1 CPU-s/GiB
-(``tools/bench/stream.py``: the kernel's page-cache copy was 31% of all CPU while 4
-receivers stored a model). Bytes that will be read soon (what a server serves or
-aggregates, a site's own results) stay buffered: reading a direct record back means a
-disk read. Zero bytes pad a direct record to the next boundary; the tail scan steps over
-them. The pack is extended ahead of direct writes in ``PREALLOCATE`` steps (``fallocate``):
-a direct write that grows a file takes the file's lock exclusively and waits (ext4), so
-writers spun on it (5% of all CPU in ``tools/bench/stream.py``), while writes inside the
-file share it. The zeros past the last record are cut when the pack is rolled or closed,
-and by the tail scan after a crash. When the bytes already lie on a boundary in memory, in whole blocks (a receiver
-that reads its answers into aligned buffers), the record is block-headed instead: a
-``DIRECT_ALIGN``-byte header block (``b"FLC2"``, the length, the digest, zeros), then
-the bytes, written from where they are with no staging copy. Smaller chunks are written buffered, so many small chunks waste no space; so is
-every chunk on a filesystem that refuses ``O_DIRECT`` (tmpfs).
+around the page cache (``O_DIRECT``). A buffered write copies every byte into page-cache
+pages the kernel must first find; on virtual machines that hand idle memory back to the
+host, those are fresh host memory, faulted in page by page, and the copy then cost ~1
+CPU-s/GiB (``tools/bench/stream.py``: the kernel's page-cache copy was 31% of all CPU
+while 4 receivers stored a model). Bytes that will be read soon (what a server serves or
+aggregates, a site's own results) stay buffered: reading a direct record back is a disk
+read. So do chunks under ``DIRECT_MIN`` (many small chunks waste no space) and every
+chunk on a filesystem that refuses ``O_DIRECT`` (tmpfs).
+
+A direct record starts on a ``DIRECT_ALIGN`` boundary, with zeros before it that the
+tail scan steps over. When the bytes lie on a boundary in memory, in whole blocks (a
+receiver reads its answers into aligned buffers), the record is block-headed: a header
+block (``b"FLC2"``, the length, the digest, zeros), then the bytes, written from where
+they are. Otherwise the record (header, bytes, zeros) is assembled in a reused staging
+buffer. The pack is extended ahead of direct writes in ``PREALLOCATE`` steps
+(``fallocate``): a direct write that grows a file takes the file's lock exclusively and
+waits (ext4), and writers spun on it (5% of all CPU in ``tools/bench/stream.py``), while
+writes inside the file share it. The zeros past the last record are cut when the pack is
+rolled or closed, and by the tail scan after a crash.
 
 Synced pack bytes older than the newest ``cache_window`` are dropped from the page
 cache (``posix_fadvise(DONTNEED)``): a store writes a model-sized payload per round
@@ -137,8 +140,6 @@ def _open_direct(path: Path) -> int:
 @functools.cache
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's ``fallocate`` (Linux only; ``os.posix_fallocate`` writes zeros where it is missing), or None."""
-    import ctypes
-
     try:
         fn = ctypes.CDLL(None, use_errno=True).fallocate
     except (OSError, AttributeError):

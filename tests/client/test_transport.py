@@ -322,3 +322,40 @@ def test_closed_transport_refuses(served: tuple[ServerThread, PeerLog]) -> None:
     client.close()
     with pytest.raises(ConfigError, match="closed"):
         client.request("GET", "/v1/health")
+
+
+def test_a_body_is_read_into_the_buffer_the_caller_gives(scripted: Callable[..., ScriptedServer]) -> None:
+    import mmap
+
+    body = bytes(range(256)) * 40
+    server = scripted(5, response=(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body)))
+    buffer = mmap.mmap(-1, 1 << 16)
+    asked: list[int] = []
+
+    def into(n: int) -> memoryview:
+        asked.append(n)
+        return memoryview(buffer)[:n]
+
+    with HttpTransport(f"http://127.0.0.1:{server.port}", "t") as client:
+        resp = client.request("GET", "/v1/chunks/x", into=into)
+        assert asked == [len(body)] and isinstance(resp.body, memoryview) and resp.body == body
+        assert buffer[:len(body)] == body  # where the bytes went
+        again = client.request("GET", "/v1/chunks/x")  # same connection, kept alive; bytes without ``into``
+        assert again.body == body and client.connections_opened == 1
+
+
+def test_an_error_answer_is_never_read_into_the_callers_buffer(scripted: Callable[..., ScriptedServer]) -> None:
+    page = b'{"error": {"code": "not_found", "message": "no such chunk"}}'
+    server = scripted(5, response=(b"HTTP/1.1 404 Not Found\r\nContent-Type: application/json\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(page), page)))
+    with HttpTransport(f"http://127.0.0.1:{server.port}", "t") as client, pytest.raises(RemoteError) as err:
+        client.request("GET", "/v1/chunks/x", into=lambda n: pytest.fail("asked for a buffer"))  # type: ignore[arg-type,return-value]
+    assert err.value.status == 404 and err.value.message == "no such chunk"
+
+
+def test_a_body_cut_short_is_a_transport_error(scripted: Callable[..., ScriptedServer]) -> None:
+    server = scripted(5, response=(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                                   b"Connection: close\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10))
+    with HttpTransport(f"http://127.0.0.1:{server.port}", "t") as client, pytest.raises(TransportError):
+        client.request("POST", "/v1/chunks/fetch", json={}, into=lambda n: memoryview(bytearray(n)))
