@@ -23,7 +23,7 @@ copy is never used and is requested again once.
 
 from __future__ import annotations
 
-import mmap
+import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -201,21 +201,28 @@ class _Arena:
     """Page-aligned buffers that one group's answers are read into, reused group after group.
 
     A chunk read into one lies on a page boundary (chunks are whole MiB), so a store can
-    write it around the page cache from where it is; reused, its pages stay the process's
-    own instead of being found afresh for every answer.
+    write it around the page cache from where it is. The buffers are ordinary heap
+    memory (a page is skipped to align them), as the answers' bodies were: the process
+    reuses it for whatever runs next instead of mapping fresh memory per download.
     """
 
+    PAGE = 4096
+
     def __init__(self) -> None:
-        self._buffers: list[mmap.mmap] = []
+        self._buffers: list[memoryview] = []
         self._next = 0
 
     def __call__(self, size: int) -> memoryview:
-        if self._next == len(self._buffers):
-            self._buffers.append(mmap.mmap(-1, max(size, 1)))
-        elif len(self._buffers[self._next]) < size:
-            self._buffers[self._next] = mmap.mmap(-1, size)  # the old one goes once no view of it is left
+        if self._next == len(self._buffers) or len(self._buffers[self._next]) < size:
+            raw = bytearray(size + self.PAGE)
+            skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % self.PAGE
+            view = memoryview(raw)[skip:skip + size]
+            if self._next == len(self._buffers):
+                self._buffers.append(view)
+            else:
+                self._buffers[self._next] = view  # the old one goes once no view of it is left
         self._next += 1
-        return memoryview(self._buffers[self._next - 1])[:size]
+        return self._buffers[self._next - 1][:size]
 
     def reset(self) -> None:
         self._next = 0
