@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
@@ -11,12 +12,17 @@ from blake3 import blake3
 
 from engine.errors import ChunkError, ChunkIntegrityError
 
-__all__ = ["DIGEST_LEN", "MAX_CHUNK_BYTES", "ChunkStat", "ChunkStore", "check_digest", "copy_into", "hash_bytes"]
+__all__ = ["DIGEST_LEN", "MAX_CHUNK_BYTES", "PAGE", "ChunkStat", "ChunkStore", "check_digest", "copy_into",
+           "hash_bytes", "page_aligned", "page_aligned_buffer"]
 
 #: hex digits of an address (blake3's 32-byte digest)
 DIGEST_LEN = 64
 #: the largest chunk a store accepts (tensor chunks are 1 MiB by default)
 MAX_CHUNK_BYTES = 64 << 20
+#: bytes that start on a multiple of this in memory and are whole multiples of it long can be
+#: written around the page cache from where they are (O_DIRECT: every Linux block device's
+#: alignment divides a page)
+PAGE = 4096
 _HEX = re.compile(r"^[0-9a-f]{64}$")
 
 Buffer = bytes | bytearray | memoryview
@@ -40,6 +46,26 @@ def verify(digest: str, data: Buffer) -> None:
     actual = hash_bytes(data)
     if actual != digest:
         raise ChunkIntegrityError(digest, f"its {len(data)} bytes hash to {actual}")
+
+
+def page_aligned(data: Buffer) -> bool:
+    """True if ``data`` starts on a page boundary in memory and is whole pages long.
+
+    Only writable buffers are checked (ctypes maps no read-only ones): ``bytes`` are not.
+    """
+    if len(data) % PAGE:
+        return False
+    try:
+        return ctypes.addressof(ctypes.c_char.from_buffer(data)) % PAGE == 0
+    except (TypeError, ValueError):
+        return False
+
+
+def page_aligned_buffer(size: int) -> memoryview:
+    """``size`` writable bytes starting on a page boundary: heap memory, a page skipped into to align it."""
+    raw = bytearray(size + PAGE)
+    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
+    return memoryview(raw)[skip:skip + size]
 
 
 def copy_into(target: Buffer, data: Buffer) -> int:

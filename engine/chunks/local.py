@@ -69,7 +69,15 @@ import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from engine.chunks.base import Buffer, ChunkStat, ChunkStore, check_digest, hash_bytes
+from engine.chunks.base import (
+    PAGE,
+    Buffer,
+    ChunkStat,
+    ChunkStore,
+    check_digest,
+    hash_bytes,
+    page_aligned,
+)
 from engine.errors import ChunkError, ChunkIntegrityError, ChunkMissing
 
 __all__ = ["LocalChunkStore"]
@@ -84,8 +92,8 @@ PACK_LIMIT = 256 << 20
 CACHE_WINDOW = 96 << 20
 #: chunks of at least this many bytes are written with O_DIRECT (see the module docstring)
 DIRECT_MIN = 256 << 10
-#: O_DIRECT records start at multiples of this (a page: every Linux block device's alignment divides it)
-DIRECT_ALIGN = 4096
+#: O_DIRECT records start at multiples of this
+DIRECT_ALIGN = PAGE
 #: the current pack is extended ahead of direct writes by this much at a time (see the module docstring)
 PREALLOCATE = 32 << 20
 #: written pack bytes are handed to the disk (writeback started, not waited for) in steps of this size
@@ -93,38 +101,28 @@ KICK_BYTES = 8 << 20
 _SYNC_FILE_RANGE_WRITE = 2  # from <fcntl.h>: start writeback of the range's dirty pages, do not wait
 
 
+def _libc(name: str, *argtypes: type) -> Callable[..., int] | None:
+    """The C library's function ``name`` (the library this process runs on), or None where it has none."""
+    try:
+        fn = getattr(ctypes.CDLL(None, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = list(argtypes)
+    fn.restype = ctypes.c_int
+    return fn  # type: ignore[no-any-return]
+
+
 @functools.cache
 def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
     """libc's ``sync_file_range`` (Linux only; Python does not wrap it), or None."""
-    import ctypes
-
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).sync_file_range  # the C library this process runs on
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
+    return _libc("sync_file_range", ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
 
 
 def _align_up(n: int) -> int:
     return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
-def _in_blocks(data: Buffer) -> bool:
-    """True if ``data`` starts on a DIRECT_ALIGN boundary in memory and is whole blocks long.
-
-    Only writable buffers are checked (ctypes maps no read-only ones): ``bytes`` are not.
-    """
-    if len(data) % DIRECT_ALIGN:
-        return False
-    try:
-        return ctypes.addressof(ctypes.c_char.from_buffer(data)) % DIRECT_ALIGN == 0
-    except (TypeError, ValueError):
-        return False
-
-
-def _open_direct(path: Path) -> int:
+def _direct_fd(path: Path) -> int:
     """A write-only O_DIRECT descriptor of ``path``, or -1 where the OS or filesystem has none."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
@@ -140,13 +138,7 @@ def _open_direct(path: Path) -> int:
 @functools.cache
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's ``fallocate`` (Linux only; ``os.posix_fallocate`` writes zeros where it is missing), or None."""
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).fallocate
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fn.restype = ctypes.c_int
-    return fn
+    return _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -220,7 +212,7 @@ class LocalChunkStore(ChunkStore):
         return name, fd, os.fstat(fd).st_size
 
     def _open_direct(self) -> int:
-        return _open_direct(self.packs_dir / self._pack) if self.direct else -1
+        return _direct_fd(self.packs_dir / self._pack) if self.direct else -1
 
     def _cut(self) -> None:
         """Drop the current pack's zeros past its last record (extended ahead of direct writes)."""
@@ -417,7 +409,7 @@ class LocalChunkStore(ChunkStore):
                 self._add(digest, self._pack, self._append(header, data), len(data))
                 return True
             fds, pack = (self._dfd, self._fd), self._pack
-            blocked = _in_blocks(data)
+            blocked = page_aligned(data)
             start, end = self._reserve(len(data), blocked)
             self._writing.add(digest)
             staging = self._staging.pop() if self._staging else None

@@ -23,7 +23,6 @@ copy is never used and is requested again once.
 
 from __future__ import annotations
 
-import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from engine.chunks import ChunkStore
-from engine.chunks.base import Buffer
+from engine.chunks.base import Buffer, page_aligned_buffer
 from engine.errors import ChunkIntegrityError, EngineError
 from engine.machines.runtime import Runtime
 from engine.tensors import Manifest
@@ -206,21 +205,15 @@ class _Arena:
     reuses it for whatever runs next instead of mapping fresh memory per download.
     """
 
-    PAGE = 4096
-
     def __init__(self) -> None:
         self._buffers: list[memoryview] = []
         self._next = 0
 
     def __call__(self, size: int) -> memoryview:
-        if self._next == len(self._buffers) or len(self._buffers[self._next]) < size:
-            raw = bytearray(size + self.PAGE)
-            skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % self.PAGE
-            view = memoryview(raw)[skip:skip + size]
-            if self._next == len(self._buffers):
-                self._buffers.append(view)
-            else:
-                self._buffers[self._next] = view  # the old one goes once no view of it is left
+        if self._next == len(self._buffers):
+            self._buffers.append(page_aligned_buffer(size))
+        elif len(self._buffers[self._next]) < size:
+            self._buffers[self._next] = page_aligned_buffer(size)  # the old one goes once no view of it is left
         self._next += 1
         return self._buffers[self._next - 1][:size]
 
