@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -130,6 +130,16 @@ class ChunkStore(ABC):
         Only for handing the bytes to a peer that verifies them (serving a download): a
         store on disk answers with a view of its mapped pack file, so a server sending a
         chunk to many sites does not first copy it into its own memory for each of them.
+        """
+        return self.get(digest, verify=False)
+
+    def load(self, digest: str, buffer: Callable[[int], memoryview]) -> Buffer:
+        """The chunk's bytes, unverified, for a holder that keeps them in memory of its own.
+
+        A store on disk reads them into ``buffer(n)`` (``n`` writable, page-aligned bytes the
+        caller provides and reuses), around the page cache when they are not in it, and
+        returns the part of it holding them; others may return the bytes they hold. For
+        serving downloads (``engine/chunks/serving.py``), so the site verifies them.
         """
         return self.get(digest, verify=False)
 

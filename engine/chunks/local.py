@@ -65,6 +65,7 @@ import mmap
 import os
 import sqlite3
 import struct
+import sys
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -122,13 +123,13 @@ def _align_up(n: int) -> int:
     return -(-n // DIRECT_ALIGN) * DIRECT_ALIGN
 
 
-def _direct_fd(path: Path) -> int:
-    """A write-only O_DIRECT descriptor of ``path``, or -1 where the OS or filesystem has none."""
+def _direct_fd(path: Path, mode: int = os.O_WRONLY) -> int:
+    """An O_DIRECT descriptor of ``path`` (write-only unless told), or -1 where the OS or filesystem has none."""
     flag = getattr(os, "O_DIRECT", 0)
     if not flag:
         return -1
     try:
-        return os.open(path, os.O_WRONLY | flag)
+        return os.open(path, mode | flag)
     except OSError as exc:
         if exc.errno == errno.EINVAL:  # the filesystem does not do direct I/O
             return -1
@@ -139,6 +140,57 @@ def _direct_fd(path: Path) -> int:
 def _fallocate() -> Callable[[int, int, int, int], int] | None:
     """libc's ``fallocate`` (Linux only; ``os.posix_fallocate`` writes zeros where it is missing), or None."""
     return _libc("fallocate", ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = [("nr_cache", ctypes.c_uint64), ("nr_dirty", ctypes.c_uint64), ("nr_writeback", ctypes.c_uint64),
+                ("nr_evicted", ctypes.c_uint64), ("nr_recently_evicted", ctypes.c_uint64)]
+
+
+_CACHESTAT = 451  # the syscall's number (Linux 6.5; the same on every architecture's generic table)
+
+
+@functools.cache
+def _syscall() -> Callable[..., int] | None:
+    return _libc("syscall", ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
+
+
+def _all_cached(fd: int, offset: int, length: int) -> bool:
+    """True if the file's pages over ``offset:offset+length`` are all in the page cache (``cachestat``).
+
+    Asked without reading: a read that stops where the cache does (``RWF_NOWAIT``) still
+    starts readahead into the cache. False where the kernel cannot tell (before 6.5).
+    """
+    syscall = _syscall()
+    if syscall is None or not sys.platform.startswith("linux") or length <= 0:
+        return False
+    first = offset - offset % PAGE
+    span = _CachestatRange(first, offset + length - first)
+    stat = _Cachestat()
+    if syscall(_CACHESTAT, fd, ctypes.addressof(span), ctypes.addressof(stat), 0) != 0:
+        return False
+    return bool(stat.nr_cache * PAGE >= _align_up(offset + length) - first)
+
+
+def _read_direct(dfd: int, into: memoryview, offset: int) -> int:
+    """Read ``into`` (page-aligned, whole pages) from the O_DIRECT ``dfd`` at the aligned ``offset``;
+    return the bytes read (fewer at the end of the file; 0 if the filesystem refuses)."""
+    got = 0
+    while got < len(into):
+        try:
+            n = os.preadv(dfd, [into[got:]], offset + got)
+        except OSError as exc:
+            if exc.errno == errno.EINVAL:
+                return got
+            raise
+        if n <= 0:
+            break
+        got += n
+    return got
 
 
 def _start_writeback(fd: int, offset: int, length: int) -> None:
@@ -186,6 +238,8 @@ class LocalChunkStore(ChunkStore):
         # how far each pack was synced: the tail scan starts there, so deleted records stay deleted
         self._db.execute("CREATE TABLE IF NOT EXISTS packs (name TEXT PRIMARY KEY, synced_end INTEGER NOT NULL)")
         self._readers: dict[str, int] = {}
+        #: O_DIRECT read descriptors of packs that ``load`` read around the page cache (-1: none)
+        self._direct_readers: dict[str, int] = {}
         #: read-only maps of packs that ``view`` served from (oldest first); a map lives on while a view of it does
         self._maps: dict[str, mmap.mmap] = {}
         self._in_tx = False
@@ -440,6 +494,43 @@ class LocalChunkStore(ChunkStore):
             mapped = self._mapped(found)
             return memoryview(mapped)[found.offset:found.offset + found.length]
 
+    def load(self, digest: str, buffer: Callable[[int], memoryview]) -> memoryview:
+        found = self._found(digest)
+        assert found.pack is not None
+        start = found.offset - found.offset % DIRECT_ALIGN
+        into = buffer(_align_up(found.offset + found.length) - start)
+        wanted = into[found.offset - start:found.offset - start + found.length]
+        with self._lock:  # duplicates, read outside the lock: compaction may close the originals meanwhile
+            fd = os.dup(self._reader(found.pack))
+            dfd = self._direct_reader(found.pack)
+            dfd = os.dup(dfd) if dfd >= 0 else -1
+        try:
+            # in the page cache: copied from there; else read around it, into the caller's memory
+            got = _read_direct(dfd, into, start) if dfd >= 0 and not _all_cached(fd, found.offset, found.length) else 0
+            if got < found.offset - start + found.length:
+                got = found.offset - start + os.preadv(fd, [wanted], found.offset)
+        finally:
+            os.close(fd)
+            if dfd >= 0:
+                os.close(dfd)
+        if got < found.offset - start + found.length:
+            raise self._refuse(found)
+        return wanted
+
+    def _direct_reader(self, pack: str) -> int:
+        """A read-only O_DIRECT descriptor of ``pack`` (kept open), or -1 where there is none."""
+        fd = self._direct_readers.get(pack)
+        if fd is None:
+            fd = self._direct_readers[pack] = _direct_fd(self.packs_dir / pack, os.O_RDONLY) if self.direct else -1
+        return fd
+
+    def _close_readers(self, pack: str) -> None:
+        for readers in (self._readers, self._direct_readers):
+            fd = readers.pop(pack, -1)
+            if fd >= 0:
+                os.close(fd)
+        self._maps.pop(pack, None)
+
     def sync(self) -> None:
         with self._lock:
             self._wait_writes()
@@ -570,8 +661,7 @@ class LocalChunkStore(ChunkStore):
                     self._db.execute("DELETE FROM chunks WHERE digest = ?", (digest,))
                     self.put(digest, data)
                 self.sync()
-                os.close(self._readers.pop(name))
-                self._maps.pop(name, None)
+                self._close_readers(name)
                 (self.packs_dir / name).unlink()
                 self._begin()
                 self._db.execute("DELETE FROM packs WHERE name = ?", (name,))
@@ -592,9 +682,8 @@ class LocalChunkStore(ChunkStore):
             if self._dfd >= 0:
                 os.close(self._dfd)
                 self._dfd = -1
-            for fd in self._readers.values():
-                os.close(fd)
-            self._readers.clear()
+            for pack in list(self._readers) + list(self._direct_readers):
+                self._close_readers(pack)
             self._maps.clear()  # each is unmapped once the last view of it is gone
             self._db.close()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)

@@ -152,12 +152,15 @@ def _check_granted(request: Request, digest: str) -> None:
 def _held(request: Request, digest: str) -> bytes | bytearray | memoryview:
     """A chunk's bytes as the server holds them (404 if it does not); the caller checked the grant.
 
-    Not hashed here: the site verifies every chunk against its address before using it,
-    so hashing it on the server as well (once per site) would only repeat that.
+    Task data pinned for a round comes from the tensor streamer, anything else from the
+    chunks held for downloads (read from the store once for all sites asking). Blocking
+    (a disk read, and a hash for task data the first time): called on a worker thread,
+    so the event loop only copies bytes already in memory. Not hashed otherwise: the site
+    verifies every chunk before using it, so hashing it here (once per site) would repeat that.
     """
     server = _server(request)
     try:
-        return server.tensor_streamer.chunk(digest) or server.chunks.view(digest)
+        return server.tensor_streamer.chunk(digest) or server.served.get(digest)
     except ChunkMissing:
         raise HttpError(404, "unknown_chunk", f"the server does not hold chunk {digest}",
                         details={"digest": digest}) from None
@@ -199,7 +202,7 @@ async def get_chunk(request: Request) -> Response:
     """A chunk's bytes, to a site that was given a manifest naming it."""
     digest = _digest(request)
     _check_granted(request, digest)
-    return bytes_response(_held(request, digest))
+    return bytes_response(await asyncio.to_thread(_held, request, digest))
 
 
 async def fetch_chunks(request: Request) -> Response:
@@ -207,6 +210,12 @@ async def fetch_chunks(request: Request) -> Response:
     digests = await _listed_digests(request)
     for digest in digests:  # every chunk is granted, or nothing is sent
         _check_granted(request, digest)
+    parts = await asyncio.to_thread(_held_batch, request, digests)
+    return parts_response(parts, headers={LENGTHS_HEADER: ",".join(str(len(p)) for p in parts)})
+
+
+def _held_batch(request: Request, digests: list[str]) -> list[bytes | bytearray | memoryview]:
+    """The chunks of one fetch answer (``_held``), stopping before ``MAX_BATCH_BYTES``."""
     parts: list[bytes | bytearray | memoryview] = []
     size = 0
     for digest in digests:
@@ -215,7 +224,7 @@ async def fetch_chunks(request: Request) -> Response:
             break  # the caller asks again for the rest
         parts.append(data)
         size += len(data)
-    return parts_response(parts, headers={LENGTHS_HEADER: ",".join(str(len(p)) for p in parts)})
+    return parts
 
 
 def _upload_plan(request: Request) -> list[tuple[str, int]]:

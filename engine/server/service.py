@@ -24,6 +24,7 @@ from typing import Any
 import engine
 from engine.charts.loader import load_charts
 from engine.chunks import ChunkStore, LocalChunkStore, MemoryChunkStore
+from engine.chunks.serving import ServedChunks
 from engine.clock import Clock, SystemClock
 from engine.log.recorder import EventRecorder
 from engine.log.sql import open_recorder
@@ -109,6 +110,8 @@ class FedServer:
         try:
             self.chunks: ChunkStore = chunks if isinstance(chunks, ChunkStore) else open_chunk_store(db, chunks)
             self.chunk_access = ChunkAccess(self.chunks)
+            #: chunks being downloaded, held in memory for the sites asking (engine/chunks/serving.py)
+            self.served = ServedChunks(self.chunks)
             self.writer = f"{WRITER}@{os.getpid()}.{int(time.time())}"
             self.runtime = Runtime(self.recorder, load_charts(), clock=self.clock, writer=self.writer)
             s = self.settings

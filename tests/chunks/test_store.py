@@ -574,3 +574,76 @@ def test_unsynced_block_headed_records_survive_a_kill(tmp_path: Path) -> None:
     assert store.recovered == len(chunks) - 2
     assert all(store.get(d) == data for d, data in chunks)
     store.close()
+
+
+# -- load: a chunk read into the caller's buffer, for the server's served chunks -------------------
+
+
+def _aligned(size: int) -> memoryview:
+    from engine.chunks.base import page_aligned_buffer
+
+    return page_aligned_buffer(size)
+
+
+def test_load_reads_every_kind_of_record_into_the_callers_buffer(store: ChunkStore) -> None:
+    chunks = mixed_chunks(7)
+    for n, (d, data) in enumerate(chunks):
+        store.put(d, data, cache=n % 2 == 0)  # buffered, direct and block-headed records in turn
+    store.sync()
+    given: list[memoryview] = []
+
+    def buffer(size: int) -> memoryview:
+        given.append(_aligned(size))
+        return given[-1]
+
+    for d, data in chunks:
+        given.clear()
+        loaded = store.load(d, buffer)
+        assert bytes(loaded) == data
+        if isinstance(store, LocalChunkStore):  # read into the buffer handed over, nowhere else
+            assert len(given) == 1 and given[0].obj is memoryview(loaded).obj
+    with pytest.raises(ChunkMissing):
+        store.load(hash_bytes(b"never stored"), _aligned)
+
+
+def test_load_reads_what_is_not_in_the_page_cache_around_it(tmp_path: Path) -> None:
+    from engine.chunks import local
+
+    store = LocalChunkStore(tmp_path / "c", cache_window=0)
+    chunks = [(hash_bytes(d), d) for d in (os.urandom(1 << 20) for _ in range(8))]
+    pack = store.packs_dir / store._pack
+    fd = os.open(pack, os.O_RDONLY)
+    for d, data in chunks:
+        store.put(d, data)
+    assert all(local._all_cached(fd, store.stat(d).offset, len(data)) for d, data in chunks)  # type: ignore[union-attr]
+    store.sync()  # a window of 0: every synced page leaves the cache
+    before = _resident_bytes(pack)
+    assert before <= 64 << 10, before
+    assert not any(local._all_cached(fd, store.stat(d).offset, len(data)) for d, data in chunks)  # type: ignore[union-attr]
+    assert all(bytes(store.load(d, _aligned)) == data for d, data in chunks)
+    assert _resident_bytes(pack) <= before + (64 << 10)  # O_DIRECT: nothing came into the cache
+    os.close(fd)
+    store.close()
+
+
+def test_load_without_direct_io_reads_through_the_page_cache(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c", cache_window=0, direct=False)
+    chunks = mixed_chunks(3)
+    for d, data in chunks:
+        store.put(d, data)
+    store.sync()
+    assert all(bytes(store.load(d, _aligned)) == data for d, data in chunks)
+    store.close()
+
+
+def test_load_of_a_record_cut_short_on_disk_is_refused(tmp_path: Path) -> None:
+    store = LocalChunkStore(tmp_path / "c")
+    d, data = chunk(9, 300_000)
+    store.put(d, data)
+    store.sync()
+    stat = store.stat(d)
+    assert stat is not None and stat.pack is not None
+    os.truncate(store.packs_dir / stat.pack, stat.offset + 1000)
+    with pytest.raises(ChunkIntegrityError):
+        store.load(d, _aligned)
+    store.close()
