@@ -30,9 +30,14 @@ needs_tls_tool = pytest.mark.skipif(shutil.which("openssl") is None and find_spe
 
 
 def refused(port: int) -> bool:
+    """True once nothing accepts connections on ``port``.
+
+    A connection made while the listening socket closes is reset instead of refused: it
+    was queued for a listener that will never accept it, so that counts too.
+    """
     try:
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
-    except ConnectionRefusedError:
+    except (ConnectionRefusedError, ConnectionResetError):
         return True
     return False
 
