@@ -5,7 +5,7 @@
 index) is the default on disk. Every write and every read is verified: bytes that do
 not hash to their address raise ``ChunkIntegrityError`` and are never used; a copy
 found corrupt on read is dropped from the index so that it is fetched again. The one
-exception is serving a download (``view``, or ``get(..., verify=False)``): the receiving side hashes
+exception is serving a download (``load``, or ``get(..., verify=False)``): the receiving side hashes
 every chunk before it uses it, so the server does not hash it once per receiver too.
 """
 

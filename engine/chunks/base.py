@@ -124,15 +124,6 @@ class ChunkStore(ABC):
         """
         return copy_into(target, self.get(digest))
 
-    def view(self, digest: str) -> Buffer:
-        """The chunk's bytes, unverified, without a copy where the store can (a read-only view).
-
-        Only for handing the bytes to a peer that verifies them (serving a download): a
-        store on disk answers with a view of its mapped pack file, so a server sending a
-        chunk to many sites does not first copy it into its own memory for each of them.
-        """
-        return self.get(digest, verify=False)
-
     def load(self, digest: str, buffer: Callable[[int], memoryview]) -> Buffer:
         """The chunk's bytes, unverified, for a holder that keeps them in memory of its own.
 

@@ -200,9 +200,6 @@ def _start_writeback(fd: int, offset: int, length: int) -> None:
         fn(fd, offset, length, _SYNC_FILE_RANGE_WRITE)  # a failure only means the fsync does it all
 
 
-#: pack files kept mapped for ``view`` (each at most PACK_LIMIT plus a record)
-MAPPED_PACKS = 4
-
 Progress = Callable[[int, int], None]
 
 
@@ -240,8 +237,6 @@ class LocalChunkStore(ChunkStore):
         self._readers: dict[str, int] = {}
         #: O_DIRECT read descriptors of packs that ``load`` read around the page cache (-1: none)
         self._direct_readers: dict[str, int] = {}
-        #: read-only maps of packs that ``view`` served from (oldest first); a map lives on while a view of it does
-        self._maps: dict[str, mmap.mmap] = {}
         self._in_tx = False
         self._dirty = False
         self.recovered = self._recover_tails()
@@ -363,22 +358,6 @@ class LocalChunkStore(ChunkStore):
             fd = self._readers[pack] = os.open(self.packs_dir / pack, os.O_RDONLY)
         return fd
 
-    def _mapped(self, found: ChunkStat) -> mmap.mmap:
-        """A read-only map of ``found``'s pack covering its record (remapped as the pack grows)."""
-        assert found.pack is not None
-        pack, end = found.pack, found.offset + found.length
-        mapped = self._maps.pop(pack, None)
-        if mapped is None or len(mapped) < end:
-            fd = self._reader(pack)
-            size = os.fstat(fd).st_size
-            if size < end:
-                raise ChunkIntegrityError(found.digest, f"{pack} holds {size} bytes, short of its record ending at {end}")
-            mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-        self._maps[pack] = mapped  # now the newest
-        while len(self._maps) > MAPPED_PACKS:
-            del self._maps[next(iter(self._maps))]  # unmapped once no view of it is left
-        return mapped
-
     def _recover_tails(self) -> int:
         """Index the records written after the last sync (found intact), cut torn ones; return how many."""
         found = 0
@@ -486,14 +465,6 @@ class LocalChunkStore(ChunkStore):
         self._db.execute("INSERT INTO chunks VALUES (?, ?, ?, ?)", (digest, pack, offset, length))
         self._dirty = True
 
-    def view(self, digest: str) -> memoryview:
-        found = self.stat(digest)
-        if found is None:
-            raise ChunkMissing(digest, f"the chunk store {self.directory}")
-        with self._lock:
-            mapped = self._mapped(found)
-            return memoryview(mapped)[found.offset:found.offset + found.length]
-
     def load(self, digest: str, buffer: Callable[[int], memoryview]) -> memoryview:
         found = self._found(digest)
         assert found.pack is not None
@@ -529,7 +500,6 @@ class LocalChunkStore(ChunkStore):
             fd = readers.pop(pack, -1)
             if fd >= 0:
                 os.close(fd)
-        self._maps.pop(pack, None)
 
     def sync(self) -> None:
         with self._lock:
@@ -684,7 +654,6 @@ class LocalChunkStore(ChunkStore):
                 self._dfd = -1
             for pack in list(self._readers) + list(self._direct_readers):
                 self._close_readers(pack)
-            self._maps.clear()  # each is unmapped once the last view of it is gone
             self._db.close()
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)

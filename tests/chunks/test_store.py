@@ -114,35 +114,25 @@ def test_serving_without_rehashing_hands_over_the_stored_bytes_for_the_peer_to_c
     store.close()
 
 
-def test_a_view_serves_the_stored_bytes_from_the_mapped_pack_as_it_grows_rolls_and_compacts(
-        tmp_path: Path) -> None:
-    from engine.chunks import local
+def test_load_reads_the_stored_bytes_as_packs_grow_roll_and_are_compacted(tmp_path: Path) -> None:
+    from engine.chunks.base import page_aligned_buffer
 
     store = LocalChunkStore(tmp_path / "c", pack_limit=120_000)
     chunks = [chunk(n, 50_000) for n in range(9)]
-    views = []
-    for d, data in chunks:  # each put grows the current pack past what was mapped before
+    loaded = []
+    for d, data in chunks:  # each put grows the current pack; every other one starts a new pack
         store.put(d, data)
-        view = store.view(d)
-        assert isinstance(view, memoryview) and view.readonly and view == data
-        views.append(view)
-    assert store.stats()["packs"] >= 3 and len(store._maps) <= local.MAPPED_PACKS
+        loaded.append(store.load(d, page_aligned_buffer))
+        assert loaded[-1] == data
+    assert store.stats()["packs"] >= 3
     store.sync()
     store.delete([d for d, _ in chunks[:6]])
-    store.compact()  # rewrites and unlinks the old packs: a view handed out before still reads its bytes
-    assert all(v == data for v, (_, data) in zip(views, chunks, strict=True))
-    assert all(store.view(d) == data for d, data in chunks[6:])
+    store.compact()  # rewrites and unlinks the old packs: what was loaded before is the caller's
+    assert all(v == data for v, (_, data) in zip(loaded, chunks, strict=True))
+    assert all(store.load(d, page_aligned_buffer) == data for d, data in chunks[6:])
     with pytest.raises(ChunkMissing):
-        store.view(chunks[0][0])
-    store.close()  # with views still alive: each map goes once its last view does
-    assert views[-1] == chunks[-1][1]
-
-
-def test_memory_store_view_is_its_bytes() -> None:
-    store = MemoryChunkStore()
-    a, da = chunk(5)
-    store.put(a, da)
-    assert store.view(a) == da
+        store.load(chunks[0][0], page_aligned_buffer)
+    store.close()
 
 
 def test_a_sync_fsyncs_without_blocking_puts_and_covers_what_was_put_meanwhile(
