@@ -324,8 +324,7 @@ class SendSession(_Session):
         self.put_many = put_many
 
     # chunks are read unverified (no hashing here): the peer verifies every chunk against its
-    # address before storing it and refuses a bad one. A plain read, not ``view``: a mapped
-    # pack would keep the pages read in this process's resident set for as long as it is mapped
+    # address before storing it and refuses a bad one
     def _push(self, digest: str) -> int:
         data = self.store.get(digest, verify=False)
         self.put(digest, data)
