@@ -122,7 +122,7 @@ class ServedChunks:
                 self.allocated += 1
         skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
         exporter = (ctypes.c_char * size).from_buffer(raw, skip)
-        weakref.finalize(exporter, self._give_back, raw, bucket)
+        weakref.finalize(exporter, self._give_back, raw, bucket).atexit = False  # nothing to give back at exit
         return memoryview(exporter).cast("B")
 
     def _give_back(self, raw: bytearray, bucket: int) -> None:

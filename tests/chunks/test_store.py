@@ -576,7 +576,7 @@ def _aligned(size: int) -> memoryview:
 
 
 def test_load_reads_every_kind_of_record_into_the_callers_buffer(store: ChunkStore) -> None:
-    chunks = mixed_chunks(7)
+    chunks = [*mixed_chunks(7), (hash_bytes(b""), b"")]  # an empty tensor's chunk too
     for n, (d, data) in enumerate(chunks):
         store.put(d, data, cache=n % 2 == 0)  # buffered, direct and block-headed records in turn
     store.sync()
