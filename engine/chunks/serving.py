@@ -14,6 +14,9 @@ sending it any more: every view handed out keeps its buffer's exporter alive, an
 buffer comes back only when the last view is gone (a weakref finalizer), however long
 a connection holds it. Two requests for the same chunk at once wait for one read. A
 site further behind the others than the capacity reads the chunk again, from disk.
+After ``IDLE_S`` seconds without a request everything is let go (``release``): a server
+between rounds or done with a job does not keep the memory, where pages of a mapped
+pack would at least have been the kernel's to reclaim.
 
 ``tools/bench/stream.py`` (a 1 GiB model the page cache had dropped, 4 receivers), in 3
 runs alternating with the mapped packs: the server spent 0.36-0.41 CPU-s per GiB sent
@@ -27,12 +30,13 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 import weakref
 from collections import OrderedDict
 
 from engine.chunks.base import PAGE, Buffer, ChunkStore
 
-__all__ = ["SERVED_BYTES", "SPARE_BUFFERS", "ServedChunks"]
+__all__ = ["IDLE_S", "SERVED_BYTES", "SPARE_BUFFERS", "ServedChunks"]
 
 #: bytes of chunks held for downloads by default: a quarter of a 1 GiB model, several
 #: times the spread between 4 sites fetching it at once on one machine
@@ -40,6 +44,9 @@ SERVED_BYTES = 256 << 20
 #: spare buffers of a size kept for the next reads: this many, or up to an eighth of the capacity;
 #: a buffer coming back beyond that is let go (it was allocated while many were being sent)
 SPARE_BUFFERS = 8
+#: seconds without a download after which every held chunk and spare buffer is let go: a
+#: server between rounds, or done with a job, does not keep hundreds of MiB it no longer sends
+IDLE_S = 10.0
 #: buffers come in steps of this size, so chunks of about the same size use each other's
 _STEP = 16 * PAGE
 
@@ -52,9 +59,13 @@ class ServedChunks:
     worker thread.
     """
 
-    def __init__(self, store: ChunkStore, capacity: int = SERVED_BYTES) -> None:
+    def __init__(self, store: ChunkStore, capacity: int = SERVED_BYTES, idle_s: float = IDLE_S) -> None:
         self.store = store
         self.capacity = capacity
+        self.idle_s = idle_s
+        #: when ``get`` was last called (monotonic), and the timer that looks for idleness
+        self._used = 0.0
+        self._idle_timer: threading.Timer | None = None
         self._held: OrderedDict[str, Buffer] = OrderedDict()  # least recently used first
         self._held_bytes = 0
         #: chunks being read, and the event their readers set when done
@@ -85,6 +96,9 @@ class ServedChunks:
         """The chunk's bytes, unverified; ChunkMissing if the store does not hold it."""
         while True:
             with self._lock:
+                self._used = time.monotonic()
+                if self._idle_timer is None:
+                    self._watch_idle(self.idle_s)
                 data = self._held.get(digest)
                 if data is not None:
                     self._held.move_to_end(digest)
@@ -111,6 +125,31 @@ class ServedChunks:
         del evicted  # their buffers come back once no answer is sending them either
         return data
 
+    def release(self) -> None:
+        """Let every held chunk and spare buffer go (buffers still in answers go when those end)."""
+        with self._lock:
+            released, self._held = self._held, OrderedDict()
+            self._held_bytes = 0
+            for spare in self._free.values():
+                self._buffer_bytes -= sum(len(raw) for raw in spare)
+            self._free.clear()
+        del released  # outside the lock: their finalizers take it
+
+    def _watch_idle(self, after: float) -> None:
+        """(Under the lock.) Look again in ``after`` seconds whether downloads have stopped."""
+        self._idle_timer = threading.Timer(after, self._check_idle)
+        self._idle_timer.daemon = True  # never keeps the process from exiting
+        self._idle_timer.start()
+
+    def _check_idle(self) -> None:
+        with self._lock:
+            quiet = time.monotonic() - self._used
+            if quiet < self.idle_s:
+                self._watch_idle(self.idle_s - quiet)
+                return
+            self._idle_timer = None
+        self.release()
+
     def _buffer(self, size: int) -> memoryview:
         """``size`` writable, page-aligned bytes in a buffer that comes back when no view of them is left."""
         bucket = -(-size // _STEP) * _STEP
@@ -128,7 +167,9 @@ class ServedChunks:
     def _give_back(self, raw: bytearray, bucket: int) -> None:
         with self._lock:
             spare = self._free.setdefault(bucket, [])
-            if len(spare) < SPARE_BUFFERS or (len(spare) + 1) * len(raw) <= self.capacity // 8:
+            if not self._held:  # released (idle): nothing is being served that would take it
+                self._buffer_bytes -= len(raw)
+            elif len(spare) < SPARE_BUFFERS or (len(spare) + 1) * len(raw) <= self.capacity // 8:
                 spare.append(raw)
             else:
                 self._buffer_bytes -= len(raw)  # allocated while many were being sent: let it go

@@ -120,3 +120,41 @@ def test_a_chunk_the_store_lacks_is_missing_and_can_be_served_once_stored() -> N
     store.put(hash_bytes(data), data)
     assert bytes(served.get(hash_bytes(data))) == data
     assert served.held_bytes == len(data)
+
+
+def test_downloads_stopping_lets_every_chunk_and_buffer_go(tmp_path: Path) -> None:
+    with LocalChunkStore(tmp_path / "c") as store:
+        chunks = stored(store, 12)
+        served = ServedChunks(store, capacity=4 * MIB, idle_s=0.2)
+        released = threading.Condition()
+        real_release = served.release
+
+        def release() -> None:
+            real_release()
+            with released:
+                released.notify_all()
+
+        served.release = release  # type: ignore[method-assign]
+        sending = served.get(chunks[0][0])  # an answer still under way when the release comes
+        for d, _ in chunks[1:]:
+            served.get(d)
+        assert served.loads == 12
+        with released:  # by the idle timer, 0.2 s after the last get
+            assert released.wait_for(lambda: served.held_bytes == 0, timeout=10)
+        assert MIB < served.buffer_bytes < 2 * MIB  # only the answer's buffer is left
+        assert bytes(sending) == chunks[0][1]
+        del sending
+        assert served.buffer_bytes == 0  # and it goes when the answer does
+        assert bytes(served.get(chunks[1][0])) == chunks[1][1]  # served again, read from the store
+        assert served.loads == 13
+
+
+def test_release_lets_held_chunks_and_spare_buffers_go_at_once(tmp_path: Path) -> None:
+    with LocalChunkStore(tmp_path / "c") as store:
+        chunks = stored(store, 8)
+        served = ServedChunks(store, capacity=4 * MIB, idle_s=3600)
+        for d, _ in chunks:
+            served.get(d)
+        assert served.held_bytes == 4 * MIB and served.buffer_bytes > 4 * MIB  # spares from evictions too
+        served.release()
+        assert served.held_bytes == 0 and served.buffer_bytes == 0
