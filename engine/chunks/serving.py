@@ -29,12 +29,14 @@ reuse is what pays.
 from __future__ import annotations
 
 import ctypes
+import math
 import threading
 import time
 import weakref
 from collections import OrderedDict
 
 from engine.chunks.base import PAGE, Buffer, ChunkStore
+from engine.errors import ConfigError
 
 __all__ = ["IDLE_S", "SERVED_BYTES", "SPARE_BUFFERS", "ServedChunks"]
 
@@ -60,6 +62,10 @@ class ServedChunks:
     """
 
     def __init__(self, store: ChunkStore, capacity: int = SERVED_BYTES, idle_s: float = IDLE_S) -> None:
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0:
+            raise ConfigError(f"served chunks: the capacity is a number of bytes >= 0, got {capacity!r}")
+        if isinstance(idle_s, bool) or not isinstance(idle_s, int | float) or not 0 < idle_s < math.inf:
+            raise ConfigError(f"served chunks: the idle time is a number of seconds > 0, got {idle_s!r}")
         self.store = store
         self.capacity = capacity
         self.idle_s = idle_s

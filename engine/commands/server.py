@@ -10,6 +10,7 @@ so that scripts and simulations know where and when it is ready.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from engine.errors import ConfigError
 from engine.server.serve import add_arguments, options_from_args, serve_forever
 
 if TYPE_CHECKING:
@@ -45,6 +47,11 @@ def register(sub: Any) -> None:
     parser.add_argument("--client-dead-grace", type=float, default=30.0,
                         help="seconds after scheduling before a task whose targets are all dead ends "
                              "CLIENT_DEAD (default 30)")
+    parser.add_argument("--served-mib", type=int, default=256, metavar="MIB",
+                        help="MiB of chunks held in memory for the sites downloading them, each read once "
+                             "for all (default 256)")
+    parser.add_argument("--served-idle", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds without a download before those are let go (default 10)")
     parser.add_argument("--lease-wait", type=float, default=15.0,
                         help="seconds to wait for a previous server's writer lease (default 15)")
     parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
@@ -81,9 +88,15 @@ def cmd_server(args: argparse.Namespace) -> int:
         from engine.server.http import Limits
         from engine.server.service import ServerSettings
 
+    # checked before the log or the store is opened: a bad flag leaves nothing behind
+    if args.served_mib < 0:
+        raise ConfigError(f"--served-mib is a number of MiB >= 0, got {args.served_mib}")
+    if not 0 < args.served_idle < math.inf:
+        raise ConfigError(f"--served-idle is a number of seconds > 0, got {args.served_idle}")
     limits = Limits(max_json_bytes=args.max_json_bytes, max_octet_bytes=args.max_octet_bytes)
     settings = ServerSettings(heartbeat_timeout=args.heartbeat_timeout, dead_grace=args.dead_grace,
-                              client_dead_grace=args.client_dead_grace, limits=limits)
+                              client_dead_grace=args.client_dead_grace, limits=limits,
+                              served_bytes=args.served_mib << 20, served_idle_s=args.served_idle)
     options = options_from_args(args)
     server = _open(args, settings)
 

@@ -24,7 +24,7 @@ from typing import Any
 import engine
 from engine.charts.loader import load_charts
 from engine.chunks import ChunkStore, LocalChunkStore, MemoryChunkStore
-from engine.chunks.serving import ServedChunks
+from engine.chunks.serving import IDLE_S, SERVED_BYTES, ServedChunks
 from engine.clock import Clock, SystemClock
 from engine.log.recorder import EventRecorder
 from engine.log.sql import open_recorder
@@ -61,6 +61,9 @@ class ServerSettings:
     client_dead_grace: float = 30.0
     heartbeat_record_interval: float = 1.0
     limits: Limits = field(default_factory=Limits)
+    #: bytes of chunks held for downloads, and seconds without one before they go (engine/chunks/serving.py)
+    served_bytes: int = SERVED_BYTES
+    served_idle_s: float = IDLE_S
 
 
 @dataclass
@@ -111,7 +114,7 @@ class FedServer:
             self.chunks: ChunkStore = chunks if isinstance(chunks, ChunkStore) else open_chunk_store(db, chunks)
             self.chunk_access = ChunkAccess(self.chunks)
             #: chunks being downloaded, held in memory for the sites asking (engine/chunks/serving.py)
-            self.served = ServedChunks(self.chunks)
+            self.served = ServedChunks(self.chunks, self.settings.served_bytes, self.settings.served_idle_s)
             self.writer = f"{WRITER}@{os.getpid()}.{int(time.time())}"
             self.runtime = Runtime(self.recorder, load_charts(), clock=self.clock, writer=self.writer)
             s = self.settings

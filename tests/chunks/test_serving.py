@@ -6,6 +6,7 @@ import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from engine.chunks import LocalChunkStore, MemoryChunkStore, hash_bytes
 from engine.chunks import serving as serving_module
 from engine.chunks.base import Buffer
 from engine.chunks.serving import ServedChunks
-from engine.errors import ChunkMissing
+from engine.errors import ChunkMissing, ConfigError
 
 MIB = 1 << 20
 
@@ -158,3 +159,14 @@ def test_release_lets_held_chunks_and_spare_buffers_go_at_once(tmp_path: Path) -
         assert served.held_bytes == 4 * MIB and served.buffer_bytes > 4 * MIB  # spares from evictions too
         served.release()
         assert served.held_bytes == 0 and served.buffer_bytes == 0
+
+
+@pytest.mark.parametrize(("capacity", "idle_s", "says"), [
+    (-1, 10.0, "capacity is a number of bytes >= 0, got -1"),
+    (1.5, 10.0, "capacity is a number of bytes >= 0, got 1.5"),
+    (MIB, 0, "idle time is a number of seconds > 0, got 0"),
+    (MIB, float("nan"), "idle time is a number of seconds > 0, got nan"),
+])
+def test_bad_settings_are_refused(capacity: Any, idle_s: Any, says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        ServedChunks(MemoryChunkStore(), capacity, idle_s)

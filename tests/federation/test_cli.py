@@ -45,6 +45,18 @@ def test_simulate_refuses_bad_arguments(tmp_path: Path) -> None:
     assert zero.returncode == 2 and "--kill-server-after-events takes counts >= 1, got [0]" in zero.stderr
 
 
+def test_server_refuses_bad_served_chunk_settings_before_opening_anything(tmp_path: Path) -> None:
+    provision(tmp_path / "fed", ["site-1"])
+    base = ["server", "--credentials", str(tmp_path / "fed" / SERVER_DIR), "--db", str(tmp_path / "s.db"),
+            "--port", "0", "--no-tls"]
+    for flag, value, says in [("--served-mib", "-1", "--served-mib is a number of MiB >= 0, got -1"),
+                              ("--served-idle", "0", "--served-idle is a number of seconds > 0, got 0.0"),
+                              ("--served-idle", "inf", "--served-idle is a number of seconds > 0, got inf")]:
+        bad = fedlog(*base, flag, value, check=False)
+        assert bad.returncode == 2 and says in bad.stderr, bad.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fed"]  # no log, no chunk store
+
+
 def test_server_client_and_job_commands(tmp_path: Path) -> None:
     provision(tmp_path / "fed", ["site-1"])
     server = ServerProcess(["server", "--credentials", str(tmp_path / "fed" / SERVER_DIR), "--db",
