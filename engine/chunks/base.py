@@ -13,7 +13,7 @@ from blake3 import blake3
 from engine.errors import ChunkError, ChunkIntegrityError
 
 __all__ = ["DIGEST_LEN", "MAX_CHUNK_BYTES", "PAGE", "ChunkStat", "ChunkStore", "check_digest", "copy_into",
-           "hash_bytes", "page_aligned", "page_aligned_buffer"]
+           "hash_bytes", "page_aligned", "page_aligned_buffer", "page_skip"]
 
 #: hex digits of an address (blake3's 32-byte digest)
 DIGEST_LEN = 64
@@ -61,10 +61,15 @@ def page_aligned(data: Buffer) -> bool:
         return False
 
 
+def page_skip(raw: bytearray) -> int:
+    """How many bytes into ``raw`` the first page boundary lies (``raw`` one page longer than needed)."""
+    return -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
+
+
 def page_aligned_buffer(size: int) -> memoryview:
     """``size`` writable bytes starting on a page boundary: heap memory, a page skipped into to align it."""
     raw = bytearray(size + PAGE)
-    skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
+    skip = page_skip(raw)
     return memoryview(raw)[skip:skip + size]
 
 

@@ -156,6 +156,9 @@ _CACHESTAT = 451  # the syscall's number (Linux 6.5; the same on every architect
 
 @functools.cache
 def _syscall() -> Callable[..., int] | None:
+    """libc's ``syscall`` on Linux (the numbers below are Linux's), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
     return _libc("syscall", ctypes.c_long, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint)
 
 
@@ -166,7 +169,7 @@ def _all_cached(fd: int, offset: int, length: int) -> bool:
     starts readahead into the cache. False where the kernel cannot tell (before 6.5).
     """
     syscall = _syscall()
-    if syscall is None or not sys.platform.startswith("linux") or length <= 0:
+    if syscall is None or length <= 0:
         return False
     first = offset - offset % PAGE
     span = _CachestatRange(first, offset + length - first)
@@ -469,8 +472,8 @@ class LocalChunkStore(ChunkStore):
         found = self._found(digest)
         assert found.pack is not None
         start = found.offset - found.offset % DIRECT_ALIGN
+        skip, end = found.offset - start, found.offset - start + found.length  # the chunk within the span
         into = buffer(_align_up(found.offset + found.length) - start)
-        wanted = into[found.offset - start:found.offset - start + found.length]
         with self._lock:  # duplicates, read outside the lock: compaction may close the originals meanwhile
             fd = os.dup(self._reader(found.pack))
             dfd = self._direct_reader(found.pack)
@@ -478,15 +481,15 @@ class LocalChunkStore(ChunkStore):
         try:
             # in the page cache: copied from there; else read around it, into the caller's memory
             got = _read_direct(dfd, into, start) if dfd >= 0 and not _all_cached(fd, found.offset, found.length) else 0
-            if got < found.offset - start + found.length:
-                got = found.offset - start + os.preadv(fd, [wanted], found.offset)
+            if got < end:
+                got = skip + os.preadv(fd, [into[skip:end]], found.offset)
         finally:
             os.close(fd)
             if dfd >= 0:
                 os.close(dfd)
-        if got < found.offset - start + found.length:
+        if got < end:
             raise self._refuse(found)
-        return wanted
+        return into[skip:end]
 
     def _direct_reader(self, pack: str) -> int:
         """A read-only O_DIRECT descriptor of ``pack`` (kept open), or -1 where there is none."""

@@ -35,7 +35,7 @@ import time
 import weakref
 from collections import OrderedDict
 
-from engine.chunks.base import PAGE, Buffer, ChunkStore
+from engine.chunks.base import PAGE, Buffer, ChunkStore, page_skip
 from engine.errors import ConfigError
 
 __all__ = ["IDLE_S", "SERVED_BYTES", "SPARE_BUFFERS", "ServedChunks"]
@@ -165,17 +165,16 @@ class ServedChunks:
             if raw is None:
                 self._buffer_bytes += len(raw := bytearray(bucket + PAGE))
                 self.allocated += 1
-        skip = -ctypes.addressof(ctypes.c_char.from_buffer(raw)) % PAGE
-        exporter = (ctypes.c_char * size).from_buffer(raw, skip)
+        exporter = (ctypes.c_char * size).from_buffer(raw, page_skip(raw))
         weakref.finalize(exporter, self._give_back, raw, bucket).atexit = False  # nothing to give back at exit
         return memoryview(exporter).cast("B")
 
     def _give_back(self, raw: bytearray, bucket: int) -> None:
         with self._lock:
             spare = self._free.setdefault(bucket, [])
-            if not self._held:  # released (idle): nothing is being served that would take it
-                self._buffer_bytes -= len(raw)
-            elif len(spare) < SPARE_BUFFERS or (len(spare) + 1) * len(raw) <= self.capacity // 8:
+            # let it go once released (idle: nothing is being served that would take it), or past
+            # the spares (it was allocated while many were being sent)
+            if self._held and (len(spare) < SPARE_BUFFERS or (len(spare) + 1) * len(raw) <= self.capacity // 8):
                 spare.append(raw)
             else:
-                self._buffer_bytes -= len(raw)  # allocated while many were being sent: let it go
+                self._buffer_bytes -= len(raw)
